@@ -1,0 +1,13 @@
+"""stfast: fused causal, factorized spatio-temporal and block-sparse attention."""
+
+from . import backends, layouts
+from .functional import (attention, block_sparse_attention, scaled_dot_product_attention,
+                         spatiotemporal_attention)
+from .layouts import BlockLayout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention", "block_sparse_attention", "scaled_dot_product_attention",
+    "spatiotemporal_attention", "BlockLayout", "backends", "layouts", "__version__",
+]

@@ -1,0 +1,269 @@
+"""Pure-PyTorch attention: the float64 oracle and the ``torch`` backend (CPU fallback).
+
+* :func:`oracle` materializes every score (O(L^2)); tests compare every backend
+  against it in float64.
+* :class:`TorchBackend` is exact and memory-efficient: dense, causal and
+  spatio-temporal problems go through ``F.scaled_dot_product_attention`` on the
+  lowered views; block-sparse problems compute only their active blocks, a chunk
+  of query blocks at a time, never an ``L x L`` mask or score matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .backends import Backend
+from .lowering import LoweredLayout, Problem, from5
+
+# Elements of one chunk's gathered score tensor in the block-sparse path.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def safe_lse(scores: torch.Tensor, valid: torch.Tensor | None):
+    """``(lse [..., 1], exp(scores - m), m, denom)`` where a row with no valid key has
+    LSE -inf, and every gradient stays finite (0 for such rows)."""
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    m = scores.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(scores - m)
+    denom = p.sum(-1, keepdim=True)
+    empty = denom == 0
+    denom = torch.where(empty, torch.ones_like(denom), denom)
+    lse = torch.where(empty, float("-inf"), m + torch.log(denom))
+    return lse, p, denom
+
+
+def safe_softmax_attend(scores: torch.Tensor, valid: torch.Tensor | None, v: torch.Tensor):
+    """``softmax(scores) @ v`` and the log-sum-exp; rows with no valid key give output
+    0 and LSE -inf, and their gradients are 0 (never NaN)."""
+    lse, p, denom = safe_lse(scores, valid)
+    out = (p.to(v.dtype) @ v) / denom.to(v.dtype)
+    return out, lse.squeeze(-1)
+
+
+def causal_visible(causal: str | None, q_pos: torch.Tensor, k_pos: torch.Tensor, lq: int, lk: int):
+    """Bool ``[..., |q_pos|, |k_pos|]``: which keys the causal rule lets each query see."""
+    offset = lk - lq if causal == "bottom_right" else 0
+    return k_pos[..., None, :] <= q_pos[..., :, None] + offset
+
+
+def _mask_terms(mask: torch.Tensor | None):
+    """Split a user mask into (bool visibility or None, additive float or None)."""
+    if mask is None:
+        return None, None
+    if mask.dtype == torch.bool:
+        return mask, None
+    return None, mask
+
+
+def layout_dense(layout: LoweredLayout, batch, lq: int, lk: int) -> torch.Tensor:
+    """Bool ``[B0, B1, B2, Lq, Lk]`` visibility of a block layout.  O(L^2): oracle only."""
+    b = layout.block
+    heads = layout.head_index(batch, layout.block_type.device)
+    bt = layout.block_type[heads]  # [B0, B1, B2, Mq, Mk]
+    pm = torch.cat([layout.partial_masks,
+                    torch.zeros(1, b, b, dtype=torch.bool, device=bt.device)])
+    part = pm[layout.partial_index[heads].long()]  # [..., Mq, Mk, b, b]
+    full = (bt == 1)[..., None, None].expand(part.shape)
+    dense = (full | part).transpose(-3, -2)  # [..., Mq, b, Mk, b]
+    dense = dense.reshape(*batch, bt.shape[-2] * b, bt.shape[-1] * b)
+    return dense[..., :lq, :lk]
+
+
+def oracle(problem: Problem, dtype: torch.dtype = torch.float64):
+    """Plain math on every score: ``(out5, lse5)`` in ``dtype`` (float64 by default)."""
+    p = problem
+    q, k, v = (t.to(dtype) for t in (p.q, p.k, p.v))
+    scores = (q @ k.transpose(-1, -2)) * p.scale
+    valid = None
+    visible, additive = _mask_terms(p.mask)
+    if additive is not None:
+        scores = scores + additive.to(dtype)
+    if visible is not None:
+        valid = visible
+    if p.causal:
+        c = causal_visible(p.causal, torch.arange(p.lq, device=q.device),
+                           torch.arange(p.lk, device=q.device), p.lq, p.lk)
+        valid = c if valid is None else valid & c
+    if p.layout is not None:
+        lay = layout_dense(p.layout, p.batch, p.lq, p.lk).to(q.device)
+        valid = lay if valid is None else valid & lay
+    return safe_softmax_attend(scores, valid, v)
+
+
+def _flatten_batch(t5: torch.Tensor) -> torch.Tensor:
+    """``[B0, B1, B2, L, D]`` -> 4-D for SDPA, as a view when the strides allow."""
+    b0, b1, b2 = t5.shape[:3]
+    for shape in ((b0 * b1, b2), (b0, b1 * b2)):
+        try:
+            return t5.view(*shape, *t5.shape[3:])
+        except RuntimeError:
+            continue
+    return t5.reshape(b0 * b1, b2, *t5.shape[3:])
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    differentiable = True
+
+    def run(self, problem: Problem, need_lse: bool):
+        if problem.layout is not None:
+            out5, lse5 = _block_sparse(problem)
+        else:
+            out5 = _dense_sdpa(problem)
+            lse5 = _dense_lse(problem) if need_lse else None
+        return from5(out5, problem.kind), lse5
+
+
+def _dense_visibility(p: Problem) -> tuple[torch.Tensor | None, bool]:
+    """The SDPA mask for a dense problem and whether SDPA's own ``is_causal`` applies."""
+    mask = p.mask
+    if p.causal is None or (p.causal == "bottom_right" and p.lq == p.lk):
+        causal = p.causal is not None
+    else:
+        causal = p.causal == "top_left"
+    if mask is None or not causal:
+        if p.causal == "bottom_right" and p.lq != p.lk:
+            c = causal_visible(p.causal, torch.arange(p.lq, device=p.device),
+                               torch.arange(p.lk, device=p.device), p.lq, p.lk)
+            mask = c if mask is None else _combine(mask, c)
+        return mask, causal and mask is None
+    c = causal_visible("top_left", torch.arange(p.lq, device=p.device),
+                       torch.arange(p.lk, device=p.device), p.lq, p.lk)
+    return _combine(mask, c), False
+
+
+def _combine(mask: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask & visible
+    return mask.masked_fill(~visible, float("-inf"))
+
+
+def _dense_sdpa(p: Problem) -> torch.Tensor:
+    mask, is_causal = _dense_visibility(p)
+    dead = None
+    if mask is not None:
+        alive = mask.any(-1, keepdim=True) if mask.dtype == torch.bool else \
+            (mask > float("-inf")).any(-1, keepdim=True)
+        if not bool(alive.all()):
+            # SDPA gives NaN for a row that sees no key; let such rows see every key
+            # (finite, harmless) and zero them, so outputs and gradients stay 0.
+            dead = ~alive
+            mask = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
+        if mask.dtype != torch.bool:
+            mask = mask.to(p.dtype)
+        mask = _flatten_batch(mask.expand(*p.batch, p.lq, p.lk))
+    q, k, v = (_flatten_batch(t) for t in (p.q, p.k, p.v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=p.scale)
+    out = out.view(*p.batch, p.lq, p.v_dim)
+    if dead is not None:
+        out = out.masked_fill(dead.expand(*p.batch, p.lq, 1), 0.0)
+    return out
+
+
+def _dense_lse(p: Problem) -> torch.Tensor:
+    """Log-sum-exp of a dense problem, a chunk of query rows at a time."""
+    rows = max(1, _CHUNK_ELEMENTS // max(1, math.prod(p.batch) * p.lk))
+    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+    visible, additive = _mask_terms(p.mask)
+    chunks = []
+    for start in range(0, p.lq, rows):
+        sl = slice(start, min(start + rows, p.lq))
+        scores = (p.q[..., sl, :].to(compute) @ p.k.to(compute).transpose(-1, -2)) * p.scale
+        if additive is not None:
+            scores = scores + additive[..., sl, :].to(compute)
+        valid = None if visible is None else visible[..., sl, :]
+        if p.causal:
+            c = causal_visible(p.causal, torch.arange(sl.start, sl.stop, device=p.device),
+                               torch.arange(p.lk, device=p.device), p.lq, p.lk)
+            valid = c if valid is None else valid & c
+        chunks.append(safe_lse(scores, valid)[0].squeeze(-1))
+    return torch.cat(chunks, -1)
+
+
+def _block_sparse(p: Problem):
+    """Only the active blocks, a chunk of query blocks at a time (recomputed in the
+    backward pass, so memory stays O(L) beyond inputs and outputs)."""
+    lay = p.layout
+    b = lay.block
+    nb = math.prod(p.batch)
+    mq, mk = lay.block_type.shape[-2:]
+    q = F.pad(p.q.reshape(nb, p.lq, p.head_dim), (0, 0, 0, mq * b - p.lq)).view(nb, mq, b, -1)
+    k = F.pad(p.k.reshape(nb, p.lk, p.head_dim), (0, 0, 0, mk * b - p.lk)).view(nb, mk, b, -1)
+    v = F.pad(p.v.reshape(nb, p.lk, p.v_dim), (0, 0, 0, mk * b - p.lk)).view(nb, mk, b, -1)
+    heads = lay.head_index(p.batch, p.device).flatten()
+    n = max(1, lay.max_kv)
+    kv_idx = lay.kv_indices[heads][:, :, :n].long()  # [nb, Mq, n]
+    slot_ok = torch.arange(n, device=p.device) < lay.kv_counts[heads][..., None]  # [nb, Mq, n]
+    per_block = b * n * b
+    rows = max(1, _CHUNK_ELEMENTS // per_block)
+    outs, lses = [], []
+    for b0 in range(0, nb, rows):
+        b1 = min(nb, b0 + rows)
+        qblocks = max(1, rows // (b1 - b0))
+        for c0 in range(0, mq, qblocks):
+            c1 = min(mq, c0 + qblocks)
+            args = (q[b0:b1, c0:c1], k[b0:b1], v[b0:b1], kv_idx[b0:b1, c0:c1],
+                    slot_ok[b0:b1, c0:c1], heads[b0:b1], torch.arange(b0, b1, device=p.device),
+                    torch.arange(c0, c1, device=p.device))
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+                o, lse = checkpoint(_sparse_chunk, p, *args, use_reentrant=False)
+            else:
+                o, lse = _sparse_chunk(p, *args)
+            outs.append((b0, c0, o))
+            lses.append((b0, c0, lse))
+    out = _assemble(outs)[:, :p.lq]
+    lse = _assemble(lses)[:, :p.lq]
+    return out.view(*p.batch, p.lq, p.v_dim).to(p.dtype), lse.view(*p.batch, p.lq)
+
+
+def _assemble(pieces) -> torch.Tensor:
+    """Stitch per-(batch chunk, query-block chunk) ``[nb', c, b, ...]`` results into
+    ``[nb, Mq * b, ...]`` (pieces arrive batch chunk by batch chunk, in order)."""
+    batches: dict[int, list[torch.Tensor]] = {}
+    for b0, _, t in pieces:
+        batches.setdefault(b0, []).append(t)
+    return torch.cat([torch.cat(ts, 1) for ts in batches.values()], 0).flatten(1, 2)
+
+
+def _sparse_chunk(p: Problem, q, k, v, kv_idx, slot_ok, heads, batch_ids, qblock_ids):
+    """One chunk: q ``[nb, c, b, D]`` against its gathered key blocks."""
+    lay = p.layout
+    b = lay.block
+    nb, c, n = kv_idx.shape
+    ar = torch.arange(nb, device=q.device)[:, None, None]
+    kg = k[ar, kv_idx]  # [nb, c, n, b, D]
+    vg = v[ar, kv_idx]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bcqd,bcnkd->bcqnk", q.to(compute), kg.to(compute)) * p.scale
+    q_pos = qblock_ids[:, None] * b + torch.arange(b, device=q.device)  # [c, b]
+    k_pos = kv_idx[..., None] * b + torch.arange(b, device=q.device)  # [nb, c, n, b]
+    btype = lay.block_type[heads[:, None, None], qblock_ids[None, :, None], kv_idx]  # [nb, c, n]
+    pidx = lay.partial_index[heads[:, None, None], qblock_ids[None, :, None], kv_idx]
+    pm = torch.cat([lay.partial_masks, torch.ones(1, b, b, dtype=torch.bool, device=q.device)])
+    elem = pm[torch.where(btype == 2, pidx, pm.shape[0] - 1).long()]  # [nb, c, n, bq, bk]
+    valid = elem.permute(0, 1, 3, 2, 4) & (slot_ok & (btype > 0))[:, :, None, :, None]
+    valid = valid & (k_pos < p.lk)[:, :, None]
+    if p.causal:
+        offset = p.lk - p.lq if p.causal == "bottom_right" else 0
+        valid = valid & (k_pos[:, :, None] <= q_pos[None, :, :, None, None] + offset)
+    if p.mask is not None:
+        b0, b1, b2 = p.batch
+        bi = batch_ids[:, None, None, None, None]
+        idx = (bi // (b1 * b2), (bi // b2) % b1, bi % b2,
+               q_pos.clamp(max=p.lq - 1)[None, :, :, None, None],
+               k_pos.clamp(max=p.lk - 1)[:, :, None])
+        m = p.mask[idx]
+        if m.dtype == torch.bool:
+            valid = valid & m
+        else:
+            scores = scores + m.to(compute)
+    return safe_softmax_attend(scores.flatten(-2), valid.flatten(-2), vg.to(compute).flatten(2, 3))
+
+
+BACKEND = TorchBackend()

@@ -1,0 +1,25 @@
+import os
+
+import pytest
+
+# Triton reads TRITON_INTERPRET when it is imported: decide before anything imports it.
+# Without a GPU the Triton kernels run on the CPU through the interpreter.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:
+        pass
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
