@@ -4,10 +4,13 @@ from . import backends, layouts
 from .functional import (attention, block_sparse_attention, scaled_dot_product_attention,
                          spatiotemporal_attention)
 from .layouts import BlockLayout
+from .modules import (BlockSparseSelfAttention, CausalSelfAttention, MultiheadAttention,
+                      SpatioTemporalAttention)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention", "block_sparse_attention", "scaled_dot_product_attention",
-    "spatiotemporal_attention", "BlockLayout", "backends", "layouts", "__version__",
+    "spatiotemporal_attention", "BlockLayout", "BlockSparseSelfAttention", "CausalSelfAttention",
+    "MultiheadAttention", "SpatioTemporalAttention", "backends", "layouts", "__version__",
 ]

@@ -96,15 +96,35 @@ def oracle(problem: Problem, dtype: torch.dtype = torch.float64):
     return safe_softmax_attend(scores, valid, v)
 
 
-def _flatten_batch(t5: torch.Tensor) -> torch.Tensor:
-    """``[B0, B1, B2, L, D]`` -> 4-D for SDPA, as a view when the strides allow."""
+def _batch_merge(t5: torch.Tensor) -> int:
+    """Which pair of batch indices of ``t5`` merges without a copy: 0 for (B0, B1),
+    1 for (B1, B2)."""
     b0, b1, b2 = t5.shape[:3]
-    for shape in ((b0 * b1, b2), (b0, b1 * b2)):
-        try:
-            return t5.view(*shape, *t5.shape[3:])
-        except RuntimeError:
-            continue
-    return t5.reshape(b0 * b1, b2, *t5.shape[3:])
+    try:
+        t5.view(b0 * b1, b2, *t5.shape[3:])
+        return 0
+    except RuntimeError:
+        return 1
+
+
+def _flatten_batch(t5: torch.Tensor, merge: int) -> torch.Tensor:
+    """``[B0, B1, B2, ...]`` -> 4-D for SDPA by merging the pair ``merge`` names; a
+    view when the strides allow, else a copy that keeps other stride-0 (broadcast)
+    dims at size 1."""
+    pair = (0, 1) if merge == 0 else (1, 2)
+    rest = 2 if merge == 0 else 0
+    shape = [t5.shape[0] * t5.shape[1], t5.shape[2]] if merge == 0 else \
+        [t5.shape[0], t5.shape[1] * t5.shape[2]]
+    try:
+        return t5.view(*shape, *t5.shape[3:])
+    except RuntimeError:
+        pass
+    t = t5
+    for dim in range(t5.dim()):
+        if dim not in pair and t5.stride(dim) == 0:
+            t = t.narrow(dim, 0, 1)
+    shape[1 if merge == 0 else 0] = t.shape[rest]
+    return t.reshape(*shape, *t.shape[3:])
 
 
 class TorchBackend(Backend):
@@ -148,17 +168,18 @@ def _dense_sdpa(p: Problem) -> torch.Tensor:
     mask, is_causal = _dense_visibility(p)
     dead = None
     if mask is not None:
-        alive = mask.any(-1, keepdim=True) if mask.dtype == torch.bool else \
-            (mask > float("-inf")).any(-1, keepdim=True)
-        if not bool(alive.all()):
-            # SDPA gives NaN for a row that sees no key; let such rows see every key
-            # (finite, harmless) and zero them, so outputs and gradients stay 0.
-            dead = ~alive
-            mask = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
+        # SDPA gives NaN for a row that sees no key; let such rows see every key
+        # (finite, harmless) and zero them, so outputs and gradients stay 0.  No
+        # data-dependent branch, so torch.compile traces it whole.
+        dead = ~(mask.any(-1, keepdim=True) if mask.dtype == torch.bool else
+                 (mask > float("-inf")).any(-1, keepdim=True))
+        mask = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
         if mask.dtype != torch.bool:
             mask = mask.to(p.dtype)
-        mask = _flatten_batch(mask.expand(*p.batch, p.lq, p.lk))
-    q, k, v = (_flatten_batch(t) for t in (p.q, p.k, p.v))
+    merge = _batch_merge(p.q)
+    if mask is not None:
+        mask = _flatten_batch(mask.expand(*p.batch, p.lq, p.lk), merge)
+    q, k, v = (_flatten_batch(t, merge) for t in (p.q, p.k, p.v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=p.scale)
     out = out.view(*p.batch, p.lq, p.v_dim)
     if dead is not None:

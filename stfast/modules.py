@@ -1,0 +1,274 @@
+"""Drop-in ``nn.Module``s: they only wire parameters to :mod:`stfast.functional`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional, layouts
+from .layouts import BlockLayout
+
+MODES = ("space", "time", "joint", "divided", "heads", "gated")
+
+
+def _check_heads(dim: int, num_heads: int) -> int:
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
+        raise ValueError(f"num_heads must be a positive divisor of dim={dim}, got {num_heads!r}")
+    return dim // num_heads
+
+
+def _check_input(x, ndim: int, dim: int, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim or x.shape[-1] != dim:
+        raise ValueError(f"x must have shape {what} with C={dim}, got {tuple(x.shape)}")
+
+
+class _AxisAttention(nn.Module):
+    """One qkv projection, attention along one axis of ``[B, T, N, C]``, one output
+    projection."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_views(self, x: torch.Tensor):
+        """q, k, v as ``[B, T, N, H, D]`` strided views of one fused projection."""
+        b, t, n, c = x.shape
+        return self.qkv(x).view(b, t, n, 3, self.num_heads, c // self.num_heads).unbind(3)
+
+    def forward(self, x, axis, *, causal=False, attn_mask=None, layout=None, backend="auto"):
+        q, k, v = self.qkv_views(x)
+        out = functional.spatiotemporal_attention(q, k, v, axis=axis, causal=causal,
+                                                  attn_mask=attn_mask, layout=layout, backend=backend)
+        return self.proj(out.reshape(x.shape))
+
+
+class SpatioTemporalAttention(nn.Module):
+    """Factorized attention over video / sensor-graph tokens ``x: [B, T, N, C]``.
+
+    Modes:
+        ``"space"``: each frame attends over its N tokens.
+        ``"time"``: each token position attends over the T frames (``causal_time``:
+        never the future).
+        ``"joint"``: all T*N tokens (``causal_time``: frame-block causal).
+        ``"divided"``: time, then space, with separate projections (TimeSformer order).
+        ``"heads"``: half the heads attend over space, half over time, one projection
+        (ViViT factorised dot-product attention).
+        ``"gated"``: space and time in parallel from the same input, fused by a learned
+        sigmoid gate ``z``: ``z * space + (1 - z) * time`` (GMAN gated fusion).
+
+    ``spatial_mask`` (forward) and ``spatial_layout`` (init) restrict the space
+    passes: a bool/additive ``[N, N]`` mask such as a graph adjacency, or a
+    :class:`stfast.BlockLayout` over N.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, mode: str = "divided", causal_time: bool = False,
+                 qkv_bias: bool = True, spatial_layout: BlockLayout | None = None,
+                 backend: str = "auto"):
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "heads" and num_heads % 2:
+            raise ValueError(f"mode='heads' splits the heads in two: num_heads must be even, got {num_heads}")
+        if spatial_layout is not None and not isinstance(spatial_layout, BlockLayout):
+            raise TypeError(f"spatial_layout must be a stfast.BlockLayout or None, "
+                            f"got {type(spatial_layout).__name__}")
+        if spatial_layout is not None and mode == "joint":
+            raise ValueError("spatial_layout is not supported with mode='joint' (use "
+                             "stfast.BlockSparseSelfAttention over the T*N tokens)")
+        self.dim, self.num_heads, self.mode = dim, num_heads, mode
+        self.causal_time = bool(causal_time)
+        self.spatial_layout = spatial_layout
+        self.backend = backend
+        if mode in ("divided", "gated"):
+            self.temporal = _AxisAttention(dim, num_heads, qkv_bias)
+            self.spatial = _AxisAttention(dim, num_heads, qkv_bias)
+        else:
+            self.attn = _AxisAttention(dim, num_heads, qkv_bias)
+        if mode == "gated":
+            self.gate_space = nn.Linear(dim, dim, bias=False)
+            self.gate_time = nn.Linear(dim, dim)
+        self._joint_layouts: dict = {}
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, mode={self.mode!r}, "
+                f"causal_time={self.causal_time}, backend={self.backend!r}")
+
+    def forward(self, x: torch.Tensor, spatial_mask: torch.Tensor | None = None) -> torch.Tensor:
+        _check_input(x, 4, self.dim, "[B, T, N, C]")
+        if spatial_mask is not None and self.mode in ("time", "joint"):
+            raise ValueError(f"spatial_mask is not supported with mode={self.mode!r}")
+        space = dict(attn_mask=spatial_mask, layout=self.spatial_layout, backend=self.backend)
+        time = dict(causal=self.causal_time, backend=self.backend)
+        if self.mode == "space":
+            return self.attn(x, "space", **space)
+        if self.mode == "time":
+            return self.attn(x, "time", **time)
+        if self.mode == "divided":
+            return self.spatial(self.temporal(x, "time", **time), "space", **space)
+        if self.mode == "gated":
+            hs = self.spatial(x, "space", **space)
+            ht = self.temporal(x, "time", **time)
+            z = torch.sigmoid(self.gate_space(hs) + self.gate_time(ht))
+            return z * hs + (1 - z) * ht
+        if self.mode == "heads":
+            return self._heads(x, space, time)
+        return self._joint(x)
+
+    def _heads(self, x, space, time):
+        q, k, v = self.attn.qkv_views(x)
+        half = self.num_heads // 2
+        out_space = functional.spatiotemporal_attention(
+            q[..., :half, :], k[..., :half, :], v[..., :half, :], axis="space", **space)
+        out_time = functional.spatiotemporal_attention(
+            q[..., half:, :], k[..., half:, :], v[..., half:, :], axis="time", **time)
+        return self.attn.proj(torch.cat([out_space, out_time], dim=3).reshape(x.shape))
+
+    def _joint(self, x):
+        b, t, n, c = x.shape
+        q, k, v = (z.reshape(b, t * n, self.num_heads, self.head_dim).transpose(1, 2)
+                   for z in self.attn.qkv_views(x))
+        layout = None
+        if self.causal_time and t > 1:
+            if (t, n) not in self._joint_layouts:
+                self._joint_layouts[(t, n)] = layouts.frame_causal(t, n)
+            layout = self._joint_layouts[(t, n)]
+        out = functional.attention(q, k, v, layout=layout, backend=self.backend)
+        return self.attn.proj(out.transpose(1, 2).reshape(x.shape))
+
+
+class CausalSelfAttention(nn.Module):
+    """GPT-style causal self-attention over ``x: [B, L, C]`` with optional GQA
+    (``num_kv_heads`` < ``num_heads``)."""
+
+    def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None,
+                 qkv_bias: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if not isinstance(num_kv_heads, int) or num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads must divide num_heads={num_heads}, got {num_kv_heads!r}")
+        self.dim, self.num_heads, self.num_kv_heads, self.backend = dim, num_heads, num_kv_heads, backend
+        self.qkv = nn.Linear(dim, dim + 2 * num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, 3, self.dim, "[B, L, C]")
+        b, length, _ = x.shape
+        qkv = self.qkv(x).view(b, length, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.transpose(1, 2).split([self.num_heads, self.num_kv_heads, self.num_kv_heads], 1)
+        out = functional.attention(q, k, v, causal=True, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(x.shape))
+
+
+class BlockSparseSelfAttention(nn.Module):
+    """Self-attention over ``x: [B, L, C]`` restricted to a :class:`stfast.BlockLayout`
+    (shared, or one pattern per head)."""
+
+    def __init__(self, dim: int, num_heads: int, layout: BlockLayout, *, qkv_bias: bool = True,
+                 backend: str = "auto"):
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        if not isinstance(layout, BlockLayout):
+            raise TypeError(f"layout must be a stfast.BlockLayout, got {type(layout).__name__}")
+        if layout.num_heads not in (1, num_heads):
+            raise ValueError(f"layout must have 1 or {num_heads} heads, got {layout.num_heads}")
+        self.dim, self.num_heads, self.layout, self.backend = dim, num_heads, layout, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, 3, self.dim, "[B, L, C]")
+        b, length, _ = x.shape
+        if length != self.layout.seq_len_q:
+            raise ValueError(f"x must have L={self.layout.seq_len_q} tokens (the layout's "
+                             f"seq_len), got {length}")
+        q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = functional.block_sparse_attention(q, k, v, self.layout, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(x.shape))
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """Drop-in for :class:`torch.nn.MultiheadAttention`: same arguments, parameter
+    names and ``state_dict``.
+
+    When attention weights are not requested (``need_weights=False``) and neither
+    dropout, ``add_zero_attn`` nor unbatched input is involved, the attention runs
+    on stfast's kernels; otherwise it is PyTorch's own implementation.  One
+    difference: a query that every mask hides gets zeros, not NaN.
+    """
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if (need_weights or self.add_zero_attn or (self.training and self.dropout > 0)
+                or query.dim() != 3):
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                   need_weights=need_weights, attn_mask=attn_mask,
+                                   average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if is_causal and attn_mask is None:
+            raise ValueError("attn_mask must be given with is_causal=True (as in torch.nn.MultiheadAttention)")
+        if self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        lq, b, _ = query.shape
+        h, d = self.num_heads, self.head_dim
+        q, k, v = self._project(query, key, value)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(1, b, -1)])
+            v = torch.cat([v, self.bias_v.expand(1, b, -1)])
+        lk = k.shape[0]
+        q, k, v = (t.view(t.shape[0], b, h, d).permute(1, 2, 0, 3) for t in (q, k, v))
+        mask = self._merged_mask(attn_mask, key_padding_mask, b, lq, lk, q.dtype)
+        if is_causal and key_padding_mask is None and self.bias_k is None:
+            out = functional.attention(q, k, v, causal=True, backend=self.backend)
+        else:
+            out = functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=self.backend)
+        out = F.linear(out.permute(2, 0, 1, 3).reshape(lq, b, h * d), self.out_proj.weight,
+                       self.out_proj.bias)
+        return (out.transpose(0, 1) if self.batch_first else out), None
+
+    def _project(self, query, key, value):
+        e = self.embed_dim
+        bias = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if bias is None else bias.split(e)
+        if self._qkv_same_embed_dim:
+            wq, wk, wv = self.in_proj_weight.split(e)
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+    def _merged_mask(self, attn_mask, key_padding_mask, b, lq, lk, dtype):
+        """Torch MHA masks (bool True = masked out, or additive) as one SDPA mask
+        ``[B, H, Lq, Lk]`` (bool True = attend, or additive)."""
+        extra = 1 if self.bias_k is not None else 0
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.dim() == 3:
+                attn_mask = attn_mask.view(b, self.num_heads, lq, lk - extra)
+            mask = _as_additive(attn_mask, dtype)
+            if extra:
+                mask = F.pad(mask, (0, 1))
+        if key_padding_mask is not None:
+            kpm = _as_additive(key_padding_mask, dtype)
+            if extra:
+                kpm = F.pad(kpm, (0, 1))
+            kpm = kpm.view(b, 1, 1, lk)
+            mask = kpm if mask is None else mask + kpm
+        return mask
+
+
+def _as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A torch-MHA mask (bool True = masked out, or additive float) as additive."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
