@@ -284,6 +284,11 @@ def _check_triple(name: str, value, minimum: int) -> tuple[int, int, int]:
     return tuple(value)
 
 
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} of type {type(value).__name__}")
+
+
 def _resolve(block: int, seq_len_q: int, seq_len_k: int, block_type: torch.Tensor,
              undecided: torch.Tensor, keys: torch.Tensor, visible) -> BlockLayout:
     """Finish a layout whose full and skipped blocks are known except ``undecided`` ones.
@@ -305,9 +310,9 @@ def _resolve(block: int, seq_len_q: int, seq_len_k: int, block_type: torch.Tenso
     if n:
         # The last block row/column sees fewer in-range elements: keep its type separate.
         edge = (qs == mq - 1).long() * 2 + (ks == mk - 1).long()
-        _, inverse = torch.unique(keys.long() * 4 + edge, return_inverse=True)
-        reps = torch.full((int(inverse.max()) + 1,), n, dtype=torch.long)
-        reps = reps.scatter_reduce(0, inverse, torch.arange(n), "amin")
+        inverse = _group(keys.long() * 4 + edge, 4 * block_type.numel())
+        reps = torch.empty(int(inverse.max()) + 1, dtype=torch.long)
+        reps[inverse] = torch.arange(n)  # any member of a group represents it
         ar = torch.arange(b)
         per = max(1, _EVAL_ELEMENTS // (b * b))
         types, found = [], []
@@ -334,6 +339,18 @@ def _resolve(block: int, seq_len_q: int, seq_len_k: int, block_type: torch.Tenso
         partial_index[hs, qs, ks] = rep_index[inverse]
     return BlockLayout(block_type, block=b, seq_len_q=seq_len_q, seq_len_k=seq_len_k,
                        partial_masks=partial_masks, partial_index=partial_index)
+
+
+def _group(keys: torch.Tensor, table_limit: int) -> torch.Tensor:
+    """Dense group ids ``0..U-1`` of int64 ``keys`` (equal keys, equal ids)."""
+    lo = keys.min()
+    span = int(keys.max() - lo) + 1
+    if span > table_limit:
+        return torch.unique(keys, return_inverse=True)[1]
+    # Keys in a small range: a lookup table is O(n) where sorting is O(n log n).
+    seen = torch.zeros(span, dtype=torch.bool)
+    seen[keys - lo] = True
+    return (seen.cumsum(0) - 1)[keys - lo]
 
 
 def _block_grid(mq: int, mk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -459,7 +476,7 @@ def bigbird(seq_len: int, *, num_global: int, num_window: int, num_random: int,
       attended by everything);
     * window: ``I - (num_window - 1) // 2 <= J <= I + num_window // 2`` (``num_window``
       blocks around the diagonal; 3 gives ``|I - J| <= 1``);
-    * random: each non-global query block picks ``num_random`` further key blocks
+    * random: each query block picks ``num_random`` further key blocks
       uniformly among those not already attended (all of them if fewer remain),
       drawn from ``torch.Generator().manual_seed(seed)``: the same seed always gives
       the same layout.
@@ -484,7 +501,6 @@ def bigbird(seq_len: int, *, num_global: int, num_window: int, num_random: int,
         value, pick = draws.topk(k, dim=1, largest=False)
         chosen = torch.zeros(m, m, dtype=torch.bool)
         chosen.scatter_(1, pick, value < 2.0)
-        chosen[:num_global] = False
         active = active | chosen
     block_type = torch.where(active, FULL, SKIP).to(torch.int8)
     return BlockLayout(block_type, block=block, seq_len_q=seq_len)
@@ -540,11 +556,6 @@ def sliding_tile_3d(grid, tile, window, causal_time: bool = False) -> BlockLayou
         active &= coords[0][None, :] <= coords[0][:, None]
     block_type = torch.where(active, FULL, SKIP).to(torch.int8)
     return BlockLayout(block_type, block=t * h * w, seq_len_q=tiles.numel() * t * h * w)
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r} of type {type(value).__name__}")
 
 
 def from_flex_block_mask(block_mask) -> BlockLayout:
