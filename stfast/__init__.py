@@ -9,6 +9,12 @@ from .modules import (BlockSparseSelfAttention, CausalSelfAttention, MultiheadAt
 
 __version__ = "0.1.0"
 
+# Load the backends now, not on the first call, so dispatch inside torch.compile
+# does no importing; a backend that cannot load records why and stays unavailable.
+for _name in backends.BACKEND_NAMES:
+    backends.get(_name)
+del _name
+
 __all__ = [
     "attention", "block_sparse_attention", "scaled_dot_product_attention",
     "spatiotemporal_attention", "BlockLayout", "BlockSparseSelfAttention", "CausalSelfAttention",

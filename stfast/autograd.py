@@ -72,7 +72,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, mask, *tables = ctx.saved_tensors
     dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, lse, mask, tables, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    return (dq, dk, dv, None, [None] * ctx.num_tables) + (None,) * len(ctx.params)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -18,7 +18,6 @@ Two kinds of backend share the interface:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib
 import json
 import os
@@ -36,7 +35,9 @@ DISPATCH_TABLE = Path(__file__).with_name("dispatch.json")
 # Triton, nvcc or a GPU.
 _MODULES = {"torch": "stfast.reference", "triton": "stfast.triton", "cuda": "stfast.cuda"}
 _instances: dict = {}
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("stfast_backend", default=None)
+# Innermost `use()` last.  A plain list (not a ContextVar) so torch.compile can trace
+# the dispatch decision instead of breaking the graph on it.
+_override: list[str] = []
 
 
 class Backend:
@@ -92,11 +93,11 @@ def use(name: str):
     """Prefer backend ``name`` inside the block (``"auto"`` restores the default)."""
     if name != "auto":
         get(name)
-    token = _override.set(name)
+    _override.append(name)
     try:
         yield
     finally:
-        _override.reset(token)
+        _override.pop()
 
 
 def problem_class(problem: Problem) -> str:
@@ -114,19 +115,22 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
-_dispatch_cache: dict | None = None
+def load_dispatch_table(path: Path = DISPATCH_TABLE) -> dict:
+    """``{device name: {problem class: [backends, fastest first]}}`` as measured by
+    ``python -m bench --update-dispatch``; empty when there is none."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# Read once at import, so dispatch under torch.compile does no file I/O.
+_dispatch_table = load_dispatch_table()
 
 
 def _measured_order(problem: Problem) -> tuple[str, ...] | None:
-    """Backends ordered fastest first for this problem class on this device, as
-    measured by ``python -m bench`` and written to ``dispatch.json``."""
-    global _dispatch_cache
-    if _dispatch_cache is None:
-        try:
-            _dispatch_cache = json.loads(DISPATCH_TABLE.read_text())
-        except (OSError, ValueError):
-            _dispatch_cache = {}
-    order = _dispatch_cache.get(_device_name(problem.device), {}).get(problem_class(problem))
+    """Backends ordered fastest first for this problem class on this device."""
+    order = _dispatch_table.get(_device_name(problem.device), {}).get(problem_class(problem))
     if not order:
         return None
     return tuple(n for n in order if n in BACKEND_NAMES) + tuple(n for n in DEFAULT_ORDER if n not in order)
@@ -136,7 +140,7 @@ def requested_name(backend: str) -> str:
     """The backend asked for: the argument, else ``use()``, else ``STFAST_BACKEND``."""
     if backend != "auto":
         return backend
-    name = _override.get() or os.environ.get("STFAST_BACKEND", "auto")
+    name = _override[-1] if _override else os.environ.get("STFAST_BACKEND", "auto")
     if name != "auto" and name not in BACKEND_NAMES:
         raise ValueError(f"STFAST_BACKEND must be one of {('auto',) + BACKEND_NAMES}, got {name!r}")
     return name
@@ -147,7 +151,8 @@ def select(problem: Problem, backend: str = "auto", *, requires_grad: bool = Fal
 
     An explicit ``backend=`` argument is strict: if it cannot run the problem a
     ``ValueError`` lists why.  A preference from ``use()`` or ``STFAST_BACKEND`` is
-    tried first and falls through like ``auto``.
+    tried first and falls through like ``auto``.  On CPU tensors ``auto`` is always
+    ``torch``.
     """
     if backend not in ("auto",) + BACKEND_NAMES:
         raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
@@ -162,6 +167,8 @@ def select(problem: Problem, backend: str = "auto", *, requires_grad: bool = Fal
     if preferred != "auto":
         order = (preferred,) + tuple(n for n in order if n != preferred)
     for name in order:
+        if problem.device.type == "cpu" and name != "torch":
+            continue  # the Triton interpreter is a test harness, not a CPU backend
         candidate = get(name)
         if not _reasons(candidate, problem, requires_grad):
             return candidate

@@ -96,35 +96,22 @@ def oracle(problem: Problem, dtype: torch.dtype = torch.float64):
     return safe_softmax_attend(scores, valid, v)
 
 
-def _batch_merge(t5: torch.Tensor) -> int:
-    """Which pair of batch indices of ``t5`` merges without a copy: 0 for (B0, B1),
-    1 for (B1, B2)."""
-    b0, b1, b2 = t5.shape[:3]
-    try:
-        t5.view(b0 * b1, b2, *t5.shape[3:])
-        return 0
-    except RuntimeError:
-        return 1
+def _mergeable(t: torch.Tensor, dim: int) -> bool:
+    """Whether dims ``dim`` and ``dim + 1`` of ``t`` merge into one without a copy
+    (decided from strides, so torch.compile traces it without a try/except)."""
+    outer, inner = t.shape[dim], t.shape[dim + 1]
+    return outer == 1 or inner == 1 or t.stride(dim) == t.stride(dim + 1) * inner
 
 
 def _flatten_batch(t5: torch.Tensor, merge: int) -> torch.Tensor:
-    """``[B0, B1, B2, ...]`` -> 4-D for SDPA by merging the pair ``merge`` names; a
-    view when the strides allow, else a copy that keeps other stride-0 (broadcast)
-    dims at size 1."""
-    pair = (0, 1) if merge == 0 else (1, 2)
+    """``[B0, B1, B2, ...]`` -> 4-D for SDPA by merging the batch pair starting at
+    dim ``merge``; a view when the strides allow, else a copy that keeps the other
+    stride-0 (broadcast) batch dim at size 1."""
+    if _mergeable(t5, merge):
+        return t5.flatten(merge, merge + 1)
     rest = 2 if merge == 0 else 0
-    shape = [t5.shape[0] * t5.shape[1], t5.shape[2]] if merge == 0 else \
-        [t5.shape[0], t5.shape[1] * t5.shape[2]]
-    try:
-        return t5.view(*shape, *t5.shape[3:])
-    except RuntimeError:
-        pass
-    t = t5
-    for dim in range(t5.dim()):
-        if dim not in pair and t5.stride(dim) == 0:
-            t = t.narrow(dim, 0, 1)
-    shape[1 if merge == 0 else 0] = t.shape[rest]
-    return t.reshape(*shape, *t.shape[3:])
+    t = t5.narrow(rest, 0, 1) if t5.stride(rest) == 0 else t5
+    return t.flatten(merge, merge + 1)
 
 
 class TorchBackend(Backend):
@@ -176,7 +163,7 @@ def _dense_sdpa(p: Problem) -> torch.Tensor:
         mask = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
         if mask.dtype != torch.bool:
             mask = mask.to(p.dtype)
-    merge = _batch_merge(p.q)
+    merge = 0 if _mergeable(p.q, 0) else 1
     if mask is not None:
         mask = _flatten_batch(mask.expand(*p.batch, p.lq, p.lk), merge)
     q, k, v = (_flatten_batch(t, merge) for t in (p.q, p.k, p.v))
@@ -184,7 +171,9 @@ def _dense_sdpa(p: Problem) -> torch.Tensor:
     out = out.view(*p.batch, p.lq, p.v_dim)
     if dead is not None:
         out = out.masked_fill(dead.expand(*p.batch, p.lq, 1), 0.0)
-    return out
+    # PyTorch's CPU kernels turn a NaN query row into zeros; keep it visible (NaN)
+    # in that row and only there, as the math and the GPU kernels do.
+    return out.masked_fill(torch.isnan(p.q).any(-1, keepdim=True), float("nan"))
 
 
 def _dense_lse(p: Problem) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""Bad input raises ValueError/TypeError naming the argument, the expected and the
+received value."""
+
+import pytest
+import torch
+
+import stfast
+
+
+def _qkv(*shape, dtype=torch.float32):
+    return [torch.randn(*shape, dtype=dtype) for _ in range(3)]
+
+
+Q, K, V = _qkv(2, 4, 16, 8)
+X = torch.randn(2, 3, 5, 2, 8)
+LAYOUT = stfast.layouts.from_mask(torch.ones(16, 16, dtype=torch.bool), block=8)
+
+CASES = [
+    ("q not a tensor", lambda: stfast.attention([1.0], K, V), TypeError, "q must be a torch.Tensor"),
+    ("integer dtype", lambda: stfast.attention(Q.long(), K, V), TypeError, "q must be float16"),
+    ("wrong rank", lambda: stfast.attention(Q[0], K, V), ValueError, "q must be 4-D [B, H, L, D], got shape (4, 16, 8)"),
+    ("dtype mismatch", lambda: stfast.attention(Q, K.double(), V), TypeError, "k must have q's dtype torch.float32, got torch.float64"),
+    ("head dim mismatch", lambda: stfast.attention(Q, K[..., :4], V), ValueError, "k's head dim must equal q's (8), got 4"),
+    ("batch mismatch", lambda: stfast.attention(Q, K[:1], V[:1]), ValueError, "k and v must have q's batch size 2, got 1 and 1"),
+    ("v length mismatch", lambda: stfast.attention(Q, K, V[:, :, :9]), ValueError, "v must have k's heads and length (4, 16), got (4, 9)"),
+    ("head counts", lambda: stfast.attention(Q, K[:, :3], V[:, :3]), ValueError, "q's head count (4) must be a multiple of k/v's head count, got 3"),
+    ("causal value", lambda: stfast.attention(Q, K, V, causal="top"), ValueError, "causal must be False, True, 'top_left' or 'bottom_right', got 'top'"),
+    ("scale type", lambda: stfast.attention(Q, K, V, scale="x"), TypeError, "scale must be a finite float or None, got 'x'"),
+    ("scale nan", lambda: stfast.attention(Q, K, V, scale=float("nan")), TypeError, "scale must be a finite float"),
+    ("backend name", lambda: stfast.attention(Q, K, V, backend="tpu"), ValueError, "backend must be one of ('auto', 'torch', 'triton', 'cuda'), got 'tpu'"),
+    ("layout type", lambda: stfast.attention(Q, K, V, layout="causal"), TypeError, "layout must be a stfast.BlockLayout or None, got str"),
+    ("layout size", lambda: stfast.attention(*_qkv(2, 4, 17, 8), layout=LAYOUT), ValueError, "layout must cover seq_len_q=17, seq_len_k=17; got a layout for seq_len_q=16, seq_len_k=16"),
+    ("layout heads", lambda: stfast.attention(Q, K, V, layout=stfast.layouts.from_mask(torch.ones(3, 16, 16, dtype=torch.bool), block=8)), ValueError, "layout must have 1 or 4 heads (one per query head), got 3"),
+    ("block sparse without layout", lambda: stfast.block_sparse_attention(Q, K, V, None), TypeError, "layout must be a stfast.BlockLayout, got None"),
+    ("sdpa mask shape", lambda: stfast.scaled_dot_product_attention(Q, K, V, attn_mask=torch.ones(3, 16, dtype=torch.bool)), ValueError, "attn_mask must be broadcastable to [2, 4, 16, 16], got shape [3, 16]"),
+    ("sdpa mask dtype", lambda: stfast.scaled_dot_product_attention(Q, K, V, attn_mask=torch.ones(16, 16, dtype=torch.int64)), TypeError, "attn_mask must be bool or floating point, got torch.int64"),
+    ("sdpa mask and causal", lambda: stfast.scaled_dot_product_attention(Q, K, V, attn_mask=torch.ones(16, 16, dtype=torch.bool), is_causal=True), ValueError, "attn_mask must be None when is_causal=True"),
+    ("sdpa gqa off", lambda: stfast.scaled_dot_product_attention(Q, K[:, :2], V[:, :2]), ValueError, "key must have query's 4 heads unless enable_gqa=True, got 2"),
+    ("sdpa dropout", lambda: stfast.scaled_dot_product_attention(Q, K, V, dropout_p=1.5), ValueError, "dropout_p must be a float in [0, 1], got 1.5"),
+    ("axis", lambda: stfast.spatiotemporal_attention(X, X, X, axis="depth"), ValueError, "axis must be 'space' or 'time', got 'depth'"),
+    ("st rank", lambda: stfast.spatiotemporal_attention(Q, K, V, axis="space"), ValueError, "q must be 5-D [B, T, N, H, D], got shape (2, 4, 16, 8)"),
+    ("st shapes", lambda: stfast.spatiotemporal_attention(X, X[:, :2], X[:, :2], axis="time"), ValueError, "k and v must match q's [B, T, N, H] = [2, 3, 5, 2], got [2, 2, 5, 2] and [2, 2, 5, 2]"),
+    ("st causal", lambda: stfast.spatiotemporal_attention(X, X, X, axis="time", causal="bottom_right"), ValueError, "causal must be True or False, got 'bottom_right'"),
+    ("st mask shape", lambda: stfast.spatiotemporal_attention(X, X, X, axis="space", attn_mask=torch.ones(3, 3, dtype=torch.bool)), ValueError, "attn_mask must be broadcastable to [5, 5], got shape [3, 3]"),
+    ("module dim", lambda: stfast.SpatioTemporalAttention(30, 4), ValueError, "num_heads must be a positive divisor of dim=30, got 4"),
+    ("module mode", lambda: stfast.SpatioTemporalAttention(32, 4, mode="axial"), ValueError, "mode must be one of ('space', 'time', 'joint', 'divided', 'heads', 'gated'), got 'axial'"),
+    ("module heads odd", lambda: stfast.SpatioTemporalAttention(30, 3, mode="heads"), ValueError, "num_heads must be even, got 3"),
+    ("module input", lambda: stfast.SpatioTemporalAttention(16, 4)(torch.randn(2, 3, 8)), ValueError, "x must have shape [B, T, N, C] with C=16, got (2, 3, 8)"),
+    ("module kv heads", lambda: stfast.CausalSelfAttention(16, 4, num_kv_heads=3), ValueError, "num_kv_heads must divide num_heads=4, got 3"),
+    ("sparse module length", lambda: stfast.BlockSparseSelfAttention(16, 4, LAYOUT)(torch.randn(1, 9, 16)), ValueError, "x must have L=16 tokens (the layout's seq_len), got 9"),
+    ("layout block", lambda: stfast.BlockLayout(torch.ones(2, 2), block=0, seq_len_q=16), ValueError, "block must be a positive int, got 0"),
+    ("layout shape", lambda: stfast.BlockLayout(torch.ones(3, 2), block=8, seq_len_q=16), ValueError, "block_type must have shape [H|1, 2, 2] for seq_len_q=16, seq_len_k=16, block=8; got (1, 3, 2)"),
+    ("from_mask dtype", lambda: stfast.layouts.from_mask(torch.ones(4, 4)), TypeError, "mask must be a bool tensor, got dtype torch.float32"),
+    ("use name", lambda: stfast.backends.use("gpu").__enter__(), ValueError, "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_named(name, call, exc, message):
+    with pytest.raises(exc) as info:
+        call()
+    assert message in str(info.value)
+
+
+def test_device_mismatch_is_named():
+    meta = torch.randn(2, 4, 16, 8, device="meta")
+    with pytest.raises(ValueError, match="k must be on q's device cpu, got meta"):
+        stfast.attention(Q, meta, V)
+
+
+def test_strict_backend_lists_reasons():
+    with pytest.raises(ValueError, match=r"backend='cuda' cannot run this problem: .+"):
+        stfast.attention(Q.double(), K.double(), V.double(), backend="cuda")
