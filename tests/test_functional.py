@@ -235,3 +235,35 @@ def test_strided_blhd_layout_and_last_dim_stride():
     assert_close(out, ref, **TOL)
     y = torch.randn(2, 4, 16, 17).transpose(-1, -2)  # last dim not contiguous: still correct
     assert_close(stfast.attention(y, y, y), reference("dense", y, y, y)[0], **TOL)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(b=st.integers(1, 2), hkv=st.integers(1, 3), groups=st.integers(1, 3),
+                  lq=st.integers(1, 40), lk=st.integers(1, 40), d=st.integers(1, 40),
+                  dv=st.integers(1, 12), causal=st.sampled_from([False, True, "bottom_right"]),
+                  seed=st.integers(0, 2**31 - 1))
+def test_random_shapes_match_oracle(b, hkv, groups, lq, lk, d, dv, causal, seed):
+    torch.manual_seed(seed)
+    q, k, v = _dense(b, hkv * groups, hkv, lq, lk, d, dv=dv)
+    out, lse = stfast.attention(q, k, v, causal=causal, return_lse=True)
+    ref, ref_lse = reference("dense", q, k, v, causal=causal)
+    assert_close(out, ref, **TOL)
+    ref_lse = ref_lse.flatten(1, 2)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    alive = torch.isfinite(ref_lse)
+    assert_close(lse[alive], ref_lse[alive], **TOL)
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(t=st.integers(1, 9), n=st.integers(1, 9), h=st.integers(1, 3), d=st.integers(1, 16),
+                  axis=st.sampled_from(["space", "time"]), causal=st.booleans(),
+                  seed=st.integers(0, 2**31 - 1))
+def test_random_spatiotemporal_shapes_match_oracle(t, n, h, d, axis, causal, seed):
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(2, t, n, h, d) for _ in range(3))
+    out = stfast.spatiotemporal_attention(q, k, v, axis=axis, causal=causal)
+    assert_close(out, reference(axis, q, k, v, causal=causal)[0], **TOL)
