@@ -94,6 +94,14 @@ def _packing(p: Problem) -> tuple[int, int, int]:
         max(16, triton.next_power_of_2(per_tile * p.lk))
 
 
+def _packed_warps(c) -> int:
+    # A packed program keeps whole q/k/v tiles (and in the backward pass all three
+    # gradients) in registers: wide heads need more warps to avoid spilling.
+    if INTERPRET:
+        return 1
+    return 4 if max(c["d_pad"], c["dv_pad"]) <= 64 else 8
+
+
 def _mask_args(p: Problem):
     """(tensor, strides, has_mask, is_bool); bool masks are read as bytes."""
     if p.mask is None:
@@ -141,7 +149,7 @@ def forward(p: Problem, out5: torch.Tensor, lse5: torch.Tensor) -> None:
             c["qk_scale"], c["causal_off"],
             D_PAD=c["d_pad"], DV_PAD=c["dv_pad"], CAUSAL=c["causal"], HAS_MASK=c["has_mask"],
             MASK_BOOL=c["mask_bool"], DOT_PREC=c["prec"], BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=1 if INTERPRET else 4)
+            num_warps=_packed_warps(c))
         return
     lay = _layout_args(p)
     pm, kvc, kvi, bt, pi, _, _ = lay["tables"]
@@ -169,7 +177,7 @@ def backward(p: Problem, out5, dout5, lse5, dq5, dk5, dv5) -> None:
             c["causal_off"],
             D_PAD=c["d_pad"], DV_PAD=c["dv_pad"], CAUSAL=c["causal"], HAS_MASK=c["has_mask"],
             MASK_BOOL=c["mask_bool"], DOT_PREC=c["prec"], BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=1 if INTERPRET else 4)
+            num_warps=_packed_warps(c))
         return
     delta = torch.empty(b0 * b1 * b2, p.lq, dtype=torch.float32, device=p.device)
     pre_block = 16 if INTERPRET else 64
