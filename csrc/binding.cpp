@@ -28,7 +28,7 @@ void check_view(const at::Tensor& t, const char* name, const at::Device& device,
   TORCH_CHECK_VALUE(t.device() == device, name, " must be on ", device, ", got ", t.device());
   TORCH_CHECK_VALUE(t.stride(-1) == 1, name, " must have stride 1 in its last dim, got strides ", t.strides());
   for (int i = 0; i < t.dim() - 1; ++i) {
-    TORCH_CHECK_VALUE(t.stride(i) % 8 == 0, name, " must have strides that are multiples of 8 elements "
+    TORCH_CHECK_VALUE(t.size(i) <= 1 || t.stride(i) % 8 == 0, name, " must have strides that are multiples of 8 elements "
                       "(16-byte rows), got strides ", t.strides());
   }
   TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
