@@ -256,6 +256,17 @@ def _gather_ints(values: list[int], device, group, world) -> list[list[int]]:
     return torch.stack(parts).tolist()
 
 
+class _GroupRef:
+    """Holds a process group so that ``copy.deepcopy`` of a model (EMA copies) shares it
+    instead of failing: a group is a handle to communicators, not state to copy."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 @dataclass
 class _Shards:
     group: object
@@ -306,8 +317,12 @@ class SequenceParallelSpatioTemporalAttention(SpatioTemporalAttention):
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         super().__init__(dim, num_heads, mode=mode, causal_time=causal_time, qkv_bias=qkv_bias,
                          backend=backend)
-        self.process_group = process_group
+        self._group_ref = _GroupRef(process_group)
         self.strategy = strategy
+
+    @property
+    def process_group(self):
+        return self._group_ref.group
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, strategy={self.strategy!r}"

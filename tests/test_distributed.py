@@ -4,6 +4,7 @@ Each spawn runs many checks (spawning costs seconds): gloo on loopback, float64,
 outputs and input/parameter gradients of every mode and strategy, uneven T and N.
 """
 
+import copy
 import datetime
 import socket
 import time
@@ -184,6 +185,7 @@ def _check_ddp_subgroups(rank, world):
     shape = (2, 5, 6, 32)
     for strategy, mode in (("dsp", "divided"), ("ulysses", "gated"), ("dsp", "heads")):
         ref, sp = _modules(mode, True, strategy, 32, 4, group, seed=70)
+        assert copy.deepcopy(sp).process_group is group  # EMA copies share the group
         model = DistributedDataParallel(sp)
         inputs = []
         for r in range(2):
