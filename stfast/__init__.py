@@ -1,6 +1,6 @@
 """stfast: fused causal, factorized spatio-temporal and block-sparse attention."""
 
-from . import backends, layouts
+from . import backends, distributed, layouts
 from .functional import (attention, block_sparse_attention, scaled_dot_product_attention,
                          spatiotemporal_attention)
 from .layouts import BlockLayout
@@ -18,5 +18,5 @@ del _name
 __all__ = [
     "attention", "block_sparse_attention", "scaled_dot_product_attention",
     "spatiotemporal_attention", "BlockLayout", "BlockSparseSelfAttention", "CausalSelfAttention",
-    "MultiheadAttention", "SpatioTemporalAttention", "backends", "layouts", "__version__",
+    "MultiheadAttention", "SpatioTemporalAttention", "backends", "distributed", "layouts", "__version__",
 ]
