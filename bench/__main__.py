@@ -1,0 +1,132 @@
+"""``python -m bench``: stfast side by side with what users would otherwise pick.
+
+See bench/README.md for the options and how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import stfast
+
+from . import report
+from .run import add_speedups, device_name, sweep
+from .shapes import PRESETS, SUITES, select
+
+PASSES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--suite", default="all", choices=SUITES + ("all",),
+                   help="which family of problems (default: all)")
+    p.add_argument("--pass", dest="passes", default="fwd,fwd+bwd",
+                   help="comma-separated passes among fwd, bwd, fwd+bwd (default: fwd,fwd+bwd)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="shapes to run (default: full on CUDA, cpu-small on CPU)")
+    p.add_argument("--out", default="bench/out", help="output folder (bench/results for committed runs)")
+    p.add_argument("--compare", default=None, metavar="OLD.json", help="flag changes against an earlier run")
+    p.add_argument("--threshold", type=float, default=0.10,
+                   help="relative slow-down --compare calls a regression (default 0.10)")
+    p.add_argument("--update-dispatch", action="store_true",
+                   help="write the measured backend order to stfast/dispatch.json")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timing per row (default 1.0 on CUDA, 0.6 on CPU)")
+    args = p.parse_args(argv)
+    args.passes = tuple(x.strip() for x in args.passes.split(","))
+    bad = [x for x in args.passes if x not in PASSES]
+    if bad:
+        p.error(f"--pass must be a comma-separated list of {PASSES}, got {bad}")
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda asked for, but torch sees no CUDA device")
+    on_gpu = args.device.type == "cuda"
+    args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    args.preset = args.preset or ("full" if on_gpu else "cpu-small")
+    args.budget = args.budget or (1.0 if on_gpu else 0.6)
+    args.suites = SUITES if args.suite == "all" else (args.suite,)
+    return args
+
+
+def _distributed_rows(args) -> list[dict]:
+    """``--suite distributed`` lives in bench/distributed.py when that exists."""
+    base = {"suite": "distributed", "case": "(suite)", "problem_class": None, "shape": "", "density": None,
+            "dtype": str(args.dtype).replace("torch.", ""), "device": device_name(args.device),
+            "pass": "-", "impl": "(suite)", "family": "distributed", "backend": None, "ms": None}
+    if importlib.util.find_spec("bench.distributed") is None:
+        return [dict(base, status="skipped", reason="bench/distributed.py does not exist (yet)")]
+    from . import distributed
+
+    try:
+        return distributed.run(args)
+    except Exception as exc:  # a broken suite is reported, the others still count
+        return [dict(base, status="error", reason=f"{type(exc).__name__}: {exc}"[:240])]
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    name = device_name(args.device)
+    cases = select(args.preset, args.suites)
+    print(f"stfast {stfast.__version__} | torch {torch.__version__} | {name} | {args.dtype} | "
+          f"preset {args.preset} | {len(cases)} cases | passes {', '.join(args.passes)}", file=sys.stderr)
+    rows = sweep(cases, args.passes, args.dtype, args.device, args.budget)
+    if "distributed" in args.suites:
+        rows += _distributed_rows(args)
+    add_speedups(rows)
+    meta = dict(device=name, torch=torch.__version__, stfast=stfast.__version__,
+                dtype=str(args.dtype).replace("torch.", ""), preset=args.preset, passes=list(args.passes),
+                suites=list(args.suites), threads=torch.get_num_threads(), commit=_commit(),
+                when=datetime.datetime.now().isoformat(timespec="seconds"),
+                command="python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+                backends=stfast.backends.available(), triton_interpret=os.environ.get("TRITON_INTERPRET"))
+    comparison = None
+    if args.compare:
+        old = json.loads(Path(args.compare).read_text())
+        comparison = report.compare(rows, old["rows"], args.threshold)
+    print(report.text_table(rows))
+    print()
+    print(report.bars_markdown(report.bars(rows)))
+    if comparison is not None:
+        print()
+        print(report.compare_text(comparison))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    Path(f"{stem}.json").write_text(json.dumps(
+        dict(meta=meta, rows=rows, bars=report.bars(rows), comparison=comparison), indent=1) + "\n")
+    Path(f"{stem}.md").write_text(report.markdown(meta, rows, comparison))
+    why_not = report.plot(rows, Path(f"{stem}.png"))
+    written = [f"{stem}.json", f"{stem}.md"] + ([] if why_not else [f"{stem}.png"])
+    print(f"\nwrote {', '.join(written)}" + (f" ({why_not})" if why_not else ""))
+    if args.update_dispatch:
+        report.update_dispatch(rows, name)
+        print(f"updated {report.DISPATCH_FILE} for {name!r}: {report.dispatch_order(rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The sweep: every case x implementation x pass becomes one row (a dict).
+
+A row's ``status`` is ``ok`` (timed), ``skipped`` (not installed or not supported
+here, with the reason), ``error`` (the call raised) or ``wrong`` (its result
+disagreed with the reference: reported with the error size, never timed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from .competitors import Impl, competitors
+from .measure import TOLERANCE, Progress, Reference, make_step, median_ms, peak_bytes, sync
+from .shapes import Case, Inputs
+
+# Dense bfloat16/float16 tensor-core peak (TFLOP/s) per device, from the vendors' specs.
+DEVICE_PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.0, "fp32": 91.6},
+    "4090": {"bf16": 165.0, "fp32": 82.6},
+}
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def device_peak(device: torch.device, dtype: torch.dtype) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = device_name(device)
+    key = "fp32" if dtype == torch.float32 else "bf16"
+    for fragment, peaks in DEVICE_PEAK_TFLOPS.items():
+        if fragment in name:
+            return peaks[key]
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+    return text[:240]
+
+
+def _row(case: Case, impl: Impl, pass_: str, dtype, device, **fields) -> dict:
+    row = {"suite": case.suite, "case": case.name, "problem_class": case.pclass, "shape": case.describe(),
+           "density": case.density,
+           "dtype": str(dtype).replace("torch.", ""), "device": device_name(device), "pass": pass_,
+           "impl": impl.name, "family": impl.family, "backend": impl.backend, "status": "ok",
+           "reason": None, "ms": None, "reps": None, "tflops": None, "frac_peak": None,
+           "peak_mb": None, "speedup": None, "compile_s": None, "max_err": None, "reference": None}
+    row.update(fields)
+    return row
+
+
+def _measure(case, impl, pass_, inputs, ref, dtype, device, budget_s) -> dict:
+    step, checked = make_step(impl.fn, inputs, pass_, ref.dout)
+    start = time.perf_counter()
+    out, grads = checked()
+    sync(device)
+    first_s = time.perf_counter() - start
+    err = ref.error(out, grads)
+    del out, grads
+    common = dict(max_err=err, reference=ref.source)
+    if not math.isfinite(err) or err > TOLERANCE[dtype]:
+        return _row(case, impl, pass_, dtype, device, status="wrong", **common,
+                    reason=f"max error {err:.3g} relative to the reference exceeds {TOLERANCE[dtype]:g}")
+    ms, reps = median_ms(step, device, budget_s=budget_s)
+    peak = peak_bytes(step, device) + impl.held_bytes
+    tflops = case.flops(pass_) / (ms * 1e-3) / 1e12
+    top = device_peak(device, dtype)
+    return _row(case, impl, pass_, dtype, device, ms=ms, reps=reps, tflops=tflops,
+                frac_peak=tflops / top if top else None, peak_mb=peak / 2**20,
+                compile_s=max(0.0, first_s - ms * 1e-3) if impl.compiled else None, **common)
+
+
+def run_case(case: Case, impls: list[Impl], passes, dtype, device, budget_s, progress) -> list[dict]:
+    rows = []
+    inputs = ref = None
+    for pass_ in passes:
+        for impl in impls:
+            progress.step(f"{case.id} {impl.name} {pass_}")
+            if impl.fn is None:
+                rows.append(_row(case, impl, pass_, dtype, device, status="skipped", reason=impl.reason))
+                continue
+            try:
+                if inputs is None:
+                    inputs = Inputs(case, dtype, device)
+                    ref = Reference(case, inputs, need_grads=any(p != "fwd" for p in passes))
+                rows.append(_measure(case, impl, pass_, inputs, ref, dtype, device, budget_s))
+            except Exception as exc:  # an unsupported or failing call is a result, not a crash
+                rows.append(_row(case, impl, pass_, dtype, device, status="error", reason=_short(exc)))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """``speedup`` = best competitor's time / this row's time, per (case, pass)."""
+    best: dict = {}
+    for r in rows:
+        if r["status"] == "ok" and r["family"] not in ("stfast", "distributed") and r["ms"]:
+            key = (r["suite"], r["case"], r["pass"])
+            best[key] = min(best.get(key, math.inf), r["ms"])
+    for r in rows:
+        key = (r["suite"], r["case"], r["pass"])
+        if r["status"] == "ok" and r.get("ms") and key in best:
+            r["speedup"] = best[key] / r["ms"]
+
+
+def sweep(cases: list[Case], passes, dtype, device, budget_s: float) -> list[dict]:
+    plans = []
+    for case in cases:
+        try:
+            plans.append((case, competitors(case, device), None))
+        except Exception as exc:  # e.g. a layout builder missing or refusing its arguments
+            plans.append((case, [], _short(exc)))
+    progress = Progress(sum(max(1, len(impls)) * len(passes) for _, impls, _ in plans))
+    rows = []
+    for case, impls, failure in plans:
+        if failure is not None:
+            for pass_ in passes:
+                progress.step(f"{case.id} {pass_}")
+                rows.append(_row(case, Impl("(all)", "-"), pass_, dtype, device, status="error",
+                                 reason=f"case setup failed: {failure}"))
+            continue
+        rows += run_case(case, impls, passes, dtype, device, budget_s, progress)
+        impls.clear()  # drops dense masks and compiled closures before the next case
+    progress.close()
+    return rows
