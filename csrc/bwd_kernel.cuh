@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const __grid_constant__
     const T* o = static_cast<const T*>(p.o) + b.offset(p.o_s) + row * p.o_s[3];
     const T* d = static_cast<const T*>(p.dout) + b.offset(p.do_s) + row * p.do_s[3];
     float sum = 0.f;
-    for (int c = lane; c < p.D; c += 32) sum += static_cast<float>(o[c]) * static_cast<float>(d[c]);
+    for (int c = lane; c < p.D; c += 32) sum += to_float(o[c]) * to_float(d[c]);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
     if (lane == 0) p.delta[r] = sum;

@@ -14,6 +14,10 @@ template <int DTYPE> struct Elem;
 template <> struct Elem<kFloat16> { using T = __half; using T2 = __half2; };
 template <> struct Elem<kBFloat16> { using T = __nv_bfloat16; using T2 = __nv_bfloat162; };
 
+// Explicit conversions: torch builds CUDA code with the implicit half/bfloat16 ones disabled.
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }

@@ -100,14 +100,28 @@ def test_generated_kernel_files_are_current():
 
 # ---------------------------------------------------------------- build (nvcc, no GPU)
 
+def _nvcc_include_dir(nvcc: str, out_dir: Path) -> Path | None:
+    """The CUDA headers nvcc itself uses (nvcc may be a wrapper outside the toolkit)."""
+    probe = out_dir / "probe.cu"
+    probe.write_text("")
+    proc = subprocess.run([nvcc, "--dryrun", "-c", str(probe)], capture_output=True, text=True)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if "INCLUDES=" in line and "SYSTEM" not in line:
+            for flag in line.split('"')[1].split():
+                path = Path(flag.removeprefix("-I"))
+                if (path / "cuda_runtime_api.h").is_file():
+                    return path
+    return None
+
+
 def _binding_command(out_dir: Path) -> list[str] | None:
     """g++ -fsyntax-only of the binding against torch's headers, or None if impossible."""
     cxx = shutil.which("g++") or shutil.which("c++")
     nvcc = scuda._nvcc()
     if cxx is None or nvcc is None:
         return None
-    cuda_include = Path(nvcc).resolve().parent.parent / "include"
-    if not (cuda_include / "cuda_runtime_api.h").is_file():
+    cuda_include = _nvcc_include_dir(nvcc, out_dir)
+    if cuda_include is None:
         return None
     from torch.utils.cpp_extension import include_paths
 
@@ -128,11 +142,13 @@ def test_cuda_sources_compile(tmp_path):
     nvcc = scuda._nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found")
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # the flags torch builds kernels with
+
     commands = {}
     for arch in ("80", "90"):
         for src in sorted((CSRC / "kernels").glob("*.cu")):
             commands[f"{src.name} sm_{arch}"] = [
-                nvcc, "-std=c++17", "-O3", "--Werror", "all-warnings", f"-I{CSRC}",
+                nvcc, "-std=c++17", "-O3", "--Werror", "all-warnings", *COMMON_NVCC_FLAGS, f"-I{CSRC}",
                 f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c", str(src),
                 "-o", str(tmp_path / f"{src.stem}_sm{arch}.o")]
     binding = _binding_command(tmp_path)
