@@ -25,9 +25,10 @@ def report() -> str:
     lines.append("backends:")
     for name, reason in backends.available().items():
         lines.append(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
-        detail = getattr(backends.get(name), "status", None)
-        if callable(detail):
-            lines.append(f"          {detail()}")
+        if name == "cuda":
+            from . import cuda
+
+            lines.append(f"          extension: {cuda.status()}")
     return "\n".join(lines)
 
 
