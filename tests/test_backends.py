@@ -99,3 +99,24 @@ def test_inductor_compiles_spatiotemporal_module():
     m = stfast.SpatioTemporalAttention(16, 4, mode="divided", causal_time=True)
     x = torch.randn(2, 3, 5, 16)
     torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.interpret
+def test_kernel_custom_op_passes_opcheck_and_compiles():
+    if backends.available()["triton"] is not None:
+        pytest.skip(f"triton backend unavailable: {backends.available()['triton']}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (torch.randn(1, 2, 16, 8, device=device, requires_grad=True) for _ in range(3))
+    fwd = torch.ops.stfast.attention_fwd.default
+    torch.library.opcheck(fwd, (q, k, v, None, [], 0, [0, 0, 0], 0, 0, "dense", "top_left", 0.35, "triton"))
+    lay = stfast.layouts.causal(16, block=16).lowered(device, (0, 0, 0))
+    torch.library.opcheck(fwd, (q, k, v, None, lay.tables(), 16, [0, 0, 0], lay.max_kv, lay.max_q,
+                                "dense", "", 0.35, "triton"))
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b, c: stfast.attention(a, b, c, causal=True, backend="triton"),
+                      fullgraph=True, backend="aot_eager")
+    out = f(q, k, v)
+    torch.testing.assert_close(out, stfast.attention(q, k, v, causal=True, backend="torch"),
+                               atol=1e-4, rtol=1e-4)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
