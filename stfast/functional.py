@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import backends
+from . import autograd, backends
 from .layouts import BlockLayout
 from .lowering import lower
 
@@ -103,8 +103,6 @@ def _dispatch(kind, q, k, v, *, scale, causal, mask, layout, head_strides, retur
     if chosen.differentiable:
         out, lse5 = chosen.run(p, need_lse=return_lse)
     else:
-        from . import autograd  # registers the custom ops on first use
-
         tables = lowered.tables() if lowered is not None else []
         out, lse5 = autograd.attention_fwd(
             q, k, v, mask, tables, lowered.block if lowered else 0, list(head_strides),
