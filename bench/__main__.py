@@ -21,7 +21,7 @@ import torch
 import stfast
 
 from . import report
-from .run import add_speedups, device_name, sweep
+from .run import add_speedups, blank_row, device_name, sweep
 from .shapes import PRESETS, SUITES, select
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -66,17 +66,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _distributed_rows(args) -> list[dict]:
     """``--suite distributed`` lives in bench/distributed.py when that exists."""
-    base = {"suite": "distributed", "case": "(suite)", "problem_class": None, "shape": "", "density": None,
-            "dtype": str(args.dtype).replace("torch.", ""), "device": device_name(args.device),
-            "pass": "-", "impl": "(suite)", "family": "distributed", "backend": None, "ms": None}
+    base = dict(suite="distributed", case="(suite)", dtype=str(args.dtype).replace("torch.", ""),
+                device=device_name(args.device), impl="(suite)", family="distributed", **{"pass": "-"})
     if importlib.util.find_spec("bench.distributed") is None:
-        return [dict(base, status="skipped", reason="bench/distributed.py does not exist (yet)")]
+        return [blank_row(**base, status="skipped", reason="bench/distributed.py does not exist (yet)")]
     from . import distributed
 
     try:
-        return distributed.run(args)
+        return [blank_row(**{**base, **row}) for row in distributed.run(args)]
     except Exception as exc:  # a broken suite is reported, the others still count
-        return [dict(base, status="error", reason=f"{type(exc).__name__}: {exc}"[:240])]
+        return [blank_row(**base, status="error", reason=f"{type(exc).__name__}: {exc}"[:240])]
 
 
 def _commit() -> str:
@@ -93,6 +92,7 @@ def main(argv=None) -> int:
     cases = select(args.preset, args.suites)
     print(f"stfast {stfast.__version__} | torch {torch.__version__} | {name} | {args.dtype} | "
           f"preset {args.preset} | {len(cases)} cases | passes {', '.join(args.passes)}", file=sys.stderr)
+    load_before = os.getloadavg()
     rows = sweep(cases, args.passes, args.dtype, args.device, args.budget)
     if "distributed" in args.suites:
         rows += _distributed_rows(args)
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
                 suites=list(args.suites), threads=torch.get_num_threads(), commit=_commit(),
                 when=datetime.datetime.now().isoformat(timespec="seconds"),
                 command="python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
-                backends=stfast.backends.available(), triton_interpret=os.environ.get("TRITON_INTERPRET"))
+                backends=stfast.backends.available(), triton_interpret=os.environ.get("TRITON_INTERPRET"),
+                load_average=[round(x, 2) for x in load_before + os.getloadavg()])
     comparison = None
     if args.compare:
         old = json.loads(Path(args.compare).read_text())

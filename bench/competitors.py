@@ -149,9 +149,13 @@ _compiled_flex = None
 def _flex_attention():
     global _compiled_flex
     if _compiled_flex is None:
+        import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention
 
-        _compiled_flex = torch.compile(flex_attention)
+        # One compile per shape and grad mode: a full sweep needs more than the default
+        # limit, past which torch silently runs flex unfused.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 128)
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
 
 

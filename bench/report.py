@@ -146,7 +146,9 @@ def markdown(meta: dict, rows, comparison: dict | None) -> str:
     lines = [f"# stfast benchmark: {meta['device']}", "",
              f"{meta['when']}, torch {meta['torch']}, stfast {meta['stfast']}, dtype {meta['dtype']}, "
              f"preset `{meta['preset']}`, passes {', '.join(meta['passes'])}, "
-             f"{meta['threads']} CPU threads, commit {meta['commit']}.", "",
+             f"{meta['threads']} CPU threads, commit {meta['commit']}, load average "
+             f"{meta['load_average'][0]:.1f} before / {meta['load_average'][3]:.1f} after "
+             "(other work on the machine makes CPU times noisy).", "",
              f"Command: `{meta['command']}`", "",
              "Time: median ms; TFLOP/s count visible (query, key) pairs only; peak MB: memory "
              "held beyond the inputs (see bench/README.md); speed-up: best competitor's time / "

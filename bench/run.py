@@ -46,15 +46,21 @@ def _short(exc: BaseException) -> str:
     return text[:240]
 
 
-def _row(case: Case, impl: Impl, pass_: str, dtype, device, **fields) -> dict:
-    row = {"suite": case.suite, "case": case.name, "problem_class": case.pclass, "shape": case.describe(),
-           "density": case.density,
-           "dtype": str(dtype).replace("torch.", ""), "device": device_name(device), "pass": pass_,
-           "impl": impl.name, "family": impl.family, "backend": impl.backend, "status": "ok",
-           "reason": None, "ms": None, "reps": None, "tflops": None, "frac_peak": None,
+def blank_row(**fields) -> dict:
+    """A row with every key the reports read (rows from bench/distributed.py too)."""
+    row = {"suite": None, "case": None, "problem_class": None, "shape": "", "density": None,
+           "dtype": None, "device": None, "pass": None, "impl": None, "family": None, "backend": None,
+           "status": "ok", "reason": None, "ms": None, "reps": None, "tflops": None, "frac_peak": None,
            "peak_mb": None, "speedup": None, "compile_s": None, "max_err": None, "reference": None}
     row.update(fields)
     return row
+
+
+def _row(case: Case, impl: Impl, pass_: str, dtype, device, **fields) -> dict:
+    return blank_row(suite=case.suite, case=case.name, problem_class=case.pclass, shape=case.describe(),
+                     density=case.density, dtype=str(dtype).replace("torch.", ""),
+                     device=device_name(device), impl=impl.name, family=impl.family,
+                     backend=impl.backend, **{"pass": pass_, **fields})
 
 
 def _measure(case, impl, pass_, inputs, ref, dtype, device, budget_s) -> dict:
