@@ -171,9 +171,7 @@ def _dense_sdpa(p: Problem) -> torch.Tensor:
     out = out.view(*p.batch, p.lq, p.v_dim)
     if dead is not None:
         out = out.masked_fill(dead.expand(*p.batch, p.lq, 1), 0.0)
-    # PyTorch's CPU kernels turn a NaN query row into zeros; keep it visible (NaN)
-    # in that row and only there, as the math and the GPU kernels do.
-    return out.masked_fill(torch.isnan(p.q).any(-1, keepdim=True), float("nan"))
+    return out
 
 
 def _dense_lse(p: Problem) -> torch.Tensor:
