@@ -35,6 +35,7 @@ class Impl:
     backend: str | None = None  # the stfast backend, for dispatch.json
     compiled: bool = False  # first call includes a compile: reported apart
     held_bytes: int = 0  # state the method keeps besides q, k, v (a dense mask): added to its peak
+    no_backward: str | None = None  # why backward passes are skipped
 
 
 def _forced(kernel: str | None, call: Callable) -> Callable:
@@ -204,7 +205,13 @@ def _flex(case: Case, layout, device: torch.device) -> Impl:
     except Exception as exc:  # an unsupported torch build is a result to report
         return Impl("flex", "flex", reason=f"block mask: {type(exc).__name__}: {exc}")
     flex = _flex_attention()
-    return Impl("flex", "flex", lambda q, k, v: flex(q, k, v, block_mask=block_mask), compiled=True)
+    # torch raises NotImplementedError for a CPU backward, and after that failed compile
+    # the next compiled flex call (another block mask) returns wrong values (torch
+    # 2.13; the guard caught it): so on CPU the backward is not even tried.
+    no_backward = ("FlexAttention has no backward on CPU (NotImplementedError); not called, since "
+                   "the failed compile corrupts later compiled flex calls") if device.type == "cpu" else None
+    return Impl("flex", "flex", lambda q, k, v: flex(q, k, v, block_mask=block_mask), compiled=True,
+                no_backward=no_backward)
 
 
 def competitors(case: Case, device: torch.device) -> list[Impl]:

@@ -90,8 +90,9 @@ def run_case(case: Case, impls: list[Impl], passes, dtype, device, budget_s, pro
     for pass_ in passes:
         for impl in impls:
             progress.step(f"{case.id} {impl.name} {pass_}")
-            if impl.fn is None:
-                rows.append(_row(case, impl, pass_, dtype, device, status="skipped", reason=impl.reason))
+            if impl.fn is None or (pass_ != "fwd" and impl.no_backward):
+                rows.append(_row(case, impl, pass_, dtype, device, status="skipped",
+                                 reason=impl.reason or impl.no_backward))
                 continue
             try:
                 if inputs is None:
