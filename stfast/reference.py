@@ -120,7 +120,7 @@ class TorchBackend(Backend):
 
     def run(self, problem: Problem, need_lse: bool):
         if problem.layout is not None:
-            out5, lse5 = _block_sparse(problem)
+            out5, lse5 = _block_sparse(problem, need_lse)
         else:
             out5 = _dense_sdpa(problem)
             lse5 = _dense_lse(problem) if need_lse else None
@@ -194,9 +194,10 @@ def _dense_lse(p: Problem) -> torch.Tensor:
     return torch.cat(chunks, -1)
 
 
-def _block_sparse(p: Problem):
-    """Only the active blocks, a chunk of query blocks at a time (recomputed in the
-    backward pass, so memory stays O(L) beyond inputs and outputs)."""
+def _block_sparse(p: Problem, need_lse: bool):
+    """Only the active blocks, a chunk of query blocks at a time: each chunk's query
+    blocks attend, through SDPA, to their gathered key blocks.  Chunks are recomputed
+    in the backward pass, so memory stays O(L) beyond inputs and outputs."""
     lay = p.layout
     b = lay.block
     nb = math.prod(p.batch)
@@ -206,72 +207,100 @@ def _block_sparse(p: Problem):
     v = F.pad(p.v.reshape(nb, p.lk, p.v_dim), (0, 0, 0, mk * b - p.lk)).view(nb, mk, b, -1)
     heads = lay.head_index(p.batch, p.device).flatten()
     n = max(1, lay.max_kv)
-    kv_idx = lay.kv_indices[heads][:, :, :n].long()  # [nb, Mq, n]
-    slot_ok = torch.arange(n, device=p.device) < lay.kv_counts[heads][..., None]  # [nb, Mq, n]
-    per_block = b * n * b
-    rows = max(1, _CHUNK_ELEMENTS // per_block)
+    rows = max(1, _CHUNK_ELEMENTS // (b * n * b))
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outs, lses = [], []
     for b0 in range(0, nb, rows):
         b1 = min(nb, b0 + rows)
         qblocks = max(1, rows // (b1 - b0))
         for c0 in range(0, mq, qblocks):
             c1 = min(mq, c0 + qblocks)
-            args = (q[b0:b1, c0:c1], k[b0:b1], v[b0:b1], kv_idx[b0:b1, c0:c1],
-                    slot_ok[b0:b1, c0:c1], heads[b0:b1], torch.arange(b0, b1, device=p.device),
-                    torch.arange(c0, c1, device=p.device))
-            if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-                o, lse = checkpoint(_sparse_chunk, p, *args, use_reentrant=False)
-            else:
-                o, lse = _sparse_chunk(p, *args)
-            outs.append((b0, c0, o))
-            lses.append((b0, c0, lse))
-    out = _assemble(outs)[:, :p.lq]
-    lse = _assemble(lses)[:, :p.lq]
-    return out.view(*p.batch, p.lq, p.v_dim).to(p.dtype), lse.view(*p.batch, p.lq)
+            args = (p, need_lse, q[b0:b1, c0:c1], k[b0:b1], v[b0:b1], heads[b0:b1],
+                    torch.arange(b0, b1, device=p.device), torch.arange(c0, c1, device=p.device))
+            o, lse = checkpoint(_sparse_chunk, *args, use_reentrant=False) if recompute else \
+                _sparse_chunk(*args)
+            outs.append((b0, o))
+            lses.append((b0, lse))
+    out = _assemble(outs)[:, :p.lq].to(p.dtype).view(*p.batch, p.lq, p.v_dim)
+    lse = _assemble(lses)[:, :p.lq].view(*p.batch, p.lq) if need_lse else None
+    return out, lse
 
 
 def _assemble(pieces) -> torch.Tensor:
     """Stitch per-(batch chunk, query-block chunk) ``[nb', c, b, ...]`` results into
     ``[nb, Mq * b, ...]`` (pieces arrive batch chunk by batch chunk, in order)."""
     batches: dict[int, list[torch.Tensor]] = {}
-    for b0, _, t in pieces:
+    for b0, t in pieces:
         batches.setdefault(b0, []).append(t)
     return torch.cat([torch.cat(ts, 1) for ts in batches.values()], 0).flatten(1, 2)
 
 
-def _sparse_chunk(p: Problem, q, k, v, kv_idx, slot_ok, heads, batch_ids, qblock_ids):
-    """One chunk: q ``[nb, c, b, D]`` against its gathered key blocks."""
+def _chunk_visibility(p: Problem, heads, batch_ids, qblock_ids):
+    """``(valid, additive)``, each ``[R, c, b, n * b]``, for the query blocks
+    ``qblock_ids`` of R rows (layout head ``heads[r]``; batch element ``batch_ids[r]``
+    when the problem has a user mask): which of the gathered key slots each query
+    sees, and the user's additive mask on them (or None)."""
     lay = p.layout
     b = lay.block
-    nb, c, n = kv_idx.shape
-    ar = torch.arange(nb, device=q.device)[:, None, None]
-    kg = k[ar, kv_idx]  # [nb, c, n, b, D]
-    vg = v[ar, kv_idx]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = torch.einsum("bcqd,bcnkd->bcqnk", q.to(compute), kg.to(compute)) * p.scale
-    q_pos = qblock_ids[:, None] * b + torch.arange(b, device=q.device)  # [c, b]
-    k_pos = kv_idx[..., None] * b + torch.arange(b, device=q.device)  # [nb, c, n, b]
-    btype = lay.block_type[heads[:, None, None], qblock_ids[None, :, None], kv_idx]  # [nb, c, n]
-    pidx = lay.partial_index[heads[:, None, None], qblock_ids[None, :, None], kv_idx]
-    pm = torch.cat([lay.partial_masks, torch.ones(1, b, b, dtype=torch.bool, device=q.device)])
-    elem = pm[torch.where(btype == 2, pidx, pm.shape[0] - 1).long()]  # [nb, c, n, bq, bk]
-    valid = elem.permute(0, 1, 3, 2, 4) & (slot_ok & (btype > 0))[:, :, None, :, None]
-    valid = valid & (k_pos < p.lk)[:, :, None]
+    dev = heads.device
+    n = max(1, lay.max_kv)
+    kv_idx = lay.kv_indices[heads[:, None], qblock_ids[None, :], :n].long()  # [R, c, n]
+    slot_ok = torch.arange(n, device=dev) < lay.kv_counts[heads[:, None], qblock_ids[None, :], None]
+    q_pos = qblock_ids[:, None] * b + torch.arange(b, device=dev)  # [c, b]
+    k_pos = kv_idx[..., None] * b + torch.arange(b, device=dev)  # [R, c, n, b]
+    btype = lay.block_type[heads[:, None, None], qblock_ids[None, :, None], kv_idx]  # [R, c, n]
+    valid = (slot_ok & (btype > 0))[:, :, None, :, None] & (k_pos < p.lk)[:, :, None]
+    if lay.partial_masks.shape[0]:
+        pidx = lay.partial_index[heads[:, None, None], qblock_ids[None, :, None], kv_idx]
+        pm = torch.cat([lay.partial_masks, torch.ones(1, b, b, dtype=torch.bool, device=dev)])
+        elem = pm[torch.where(btype == 2, pidx, pm.shape[0] - 1).long()]  # [R, c, n, bq, bk]
+        valid = valid & elem.permute(0, 1, 3, 2, 4)
     if p.causal:
         offset = p.lk - p.lq if p.causal == "bottom_right" else 0
         valid = valid & (k_pos[:, :, None] <= q_pos[None, :, :, None, None] + offset)
+    additive = None
     if p.mask is not None:
-        b0, b1, b2 = p.batch
+        _, b1, b2 = p.batch
         bi = batch_ids[:, None, None, None, None]
-        idx = (bi // (b1 * b2), (bi // b2) % b1, bi % b2,
-               q_pos.clamp(max=p.lq - 1)[None, :, :, None, None],
-               k_pos.clamp(max=p.lk - 1)[:, :, None])
-        m = p.mask[idx]
+        m = p.mask[bi // (b1 * b2), (bi // b2) % b1, bi % b2,
+                   q_pos.clamp(max=p.lq - 1)[None, :, :, None, None], k_pos.clamp(max=p.lk - 1)[:, :, None]]
         if m.dtype == torch.bool:
             valid = valid & m
         else:
-            scores = scores + m.to(compute)
-    return safe_softmax_attend(scores.flatten(-2), valid.flatten(-2), vg.to(compute).flatten(2, 3))
+            additive = m.flatten(-2)
+            valid = valid & (m > float("-inf"))
+    return valid.flatten(-2), additive
+
+
+def _sparse_chunk(p: Problem, need_lse: bool, q, k, v, heads, batch_ids, qblock_ids):
+    """One chunk: q ``[nb, c, b, D]`` against its gathered key blocks ``[nb, c, n*b, D]``."""
+    lay = p.layout
+    n = max(1, lay.max_kv)
+    kv_idx = lay.kv_indices[heads[:, None], qblock_ids[None, :], :n].long()  # [nb, c, n]
+    ar = torch.arange(q.shape[0], device=q.device)[:, None, None]
+    kg = k[ar, kv_idx].flatten(2, 3)
+    vg = v[ar, kv_idx].flatten(2, 3)
+    if p.mask is None:
+        # Visibility depends only on the layout head: compute it once per head and
+        # broadcast it over the batch instead of once per batch element.
+        layout_heads = torch.arange(lay.block_type.shape[0], device=q.device)
+        valid, additive = _chunk_visibility(p, layout_heads, None, qblock_ids)
+        if layout_heads.numel() > 1:
+            valid = valid[heads]
+    else:
+        valid, additive = _chunk_visibility(p, heads, batch_ids, qblock_ids)
+    if need_lse:
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        scores = (q.to(compute) @ kg.to(compute).transpose(-1, -2)) * p.scale
+        if additive is not None:
+            scores = scores + additive.to(compute)
+        return safe_softmax_attend(scores, valid, vg.to(compute))
+    # SDPA gives NaN for a row that sees no key: such rows see everything, then are zeroed.
+    dead = ~valid.any(-1, keepdim=True)
+    bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device) if additive is None else additive.to(q.dtype)
+    bias = bias.masked_fill(~valid, float("-inf")).masked_fill(dead, 0.0)
+    out = F.scaled_dot_product_attention(q, kg, vg, attn_mask=bias, scale=p.scale)
+    return out.masked_fill(dead, 0.0), None
 
 
 BACKEND = TorchBackend()
