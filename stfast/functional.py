@@ -94,6 +94,9 @@ def _dispatch(kind, q, k, v, *, scale, causal, mask, layout, head_strides, retur
     p = lower(kind, q, k, v, scale=scale, causal=causal, mask=mask, layout=lowered)
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        if layout is not None:
+            raise ValueError("attn_mask must not require grad together with a block-sparse layout: "
+                             "mask gradients need a dense problem (layout=None)")
         chosen = backends.get("torch")  # only autograd-traced math gives a mask gradient
         if backend not in ("auto", "torch"):
             raise ValueError(f"backend={backend!r} cannot run this problem: attn_mask requires "

@@ -14,13 +14,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .backends import Backend
 from .lowering import LoweredLayout, Problem, from5
 
-# Elements of one chunk's gathered score tensor in the block-sparse path.
+# Bounds on the elements of one chunk's score-sized tensors in the block-sparse path.
 _CHUNK_ELEMENTS = 1 << 22
+_MIN_CHUNK_ELEMENTS = 1 << 18
 
 
 def safe_lse(scores: torch.Tensor, valid: torch.Tensor | None):
@@ -195,44 +195,136 @@ def _dense_lse(p: Problem) -> torch.Tensor:
 
 
 def _block_sparse(p: Problem, need_lse: bool):
-    """Only the active blocks, a chunk of query blocks at a time: each chunk's query
-    blocks attend, through SDPA, to their gathered key blocks.  Chunks are recomputed
-    in the backward pass, so memory stays O(L) beyond inputs and outputs."""
+    """Only the active blocks, a chunk of query blocks at a time (see
+    :class:`_BlockSparseAttention`)."""
     lay = p.layout
-    b = lay.block
     nb = math.prod(p.batch)
     mq, mk = lay.block_type.shape[-2:]
-    q = F.pad(p.q.reshape(nb, p.lq, p.head_dim), (0, 0, 0, mq * b - p.lq)).view(nb, mq, b, -1)
-    k = F.pad(p.k.reshape(nb, p.lk, p.head_dim), (0, 0, 0, mk * b - p.lk)).view(nb, mk, b, -1)
-    v = F.pad(p.v.reshape(nb, p.lk, p.v_dim), (0, 0, 0, mk * b - p.lk)).view(nb, mk, b, -1)
-    heads = lay.head_index(p.batch, p.device).flatten()
-    n = max(1, lay.max_kv)
-    rows = max(1, _CHUNK_ELEMENTS // (b * n * b))
-    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    outs, lses = [], []
+    q, k, v = (_as_blocks(t, nb, blocks, lay.block) for t, blocks in ((p.q, mq), (p.k, mk), (p.v, mk)))
+    out, lse = _BlockSparseAttention.apply(p, need_lse, q, k, v)
+    out = out.flatten(1, 2)[:, :p.lq].to(p.dtype).view(*p.batch, p.lq, p.v_dim)
+    return out, (lse.flatten(1, 2)[:, :p.lq].view(*p.batch, p.lq) if need_lse else None)
+
+
+def _as_blocks(t5: torch.Tensor, nb: int, blocks: int, b: int) -> torch.Tensor:
+    """``[B0, B1, B2, L, D]`` -> ``[nb, blocks, b, D]``, padding L only when it is not a
+    multiple of the block (and copying only when the strides need it)."""
+    t = t5.reshape(nb, t5.shape[3], t5.shape[4])
+    if blocks * b != t.shape[1]:
+        t = F.pad(t, (0, 0, 0, blocks * b - t.shape[1]))
+    return t.view(nb, blocks, b, -1)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    """Block-sparse attention over ``[nb, M, b, D]`` blocks, a chunk of query blocks
+    at a time against their gathered key blocks.
+
+    The forward runs SDPA per chunk (scores only when the LSE is asked for); the
+    backward recomputes each chunk's probabilities and scatters dk/dv into one
+    buffer, so memory stays O(L) beyond inputs and outputs and no ``L x L`` tensor
+    exists at any point.
+    """
+
+    @staticmethod
+    def forward(ctx, p: Problem, need_lse: bool, q, k, v):
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
+        lse = q.new_empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        for b0, b1, c0, c1 in _chunks(p, q):
+            c = _Chunk(p, q, k, v, b0, b1, c0, c1)
+            if need_lse:
+                o, l_ = c.attend_math()
+                out[b0:b1, c0:c1], lse[b0:b1, c0:c1] = o, l_
+            else:
+                out[b0:b1, c0:c1] = c.attend_sdpa()
+        ctx.p, ctx.need_lse = p, need_lse
+        ctx.save_for_backward(q, k, v, out)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        p = ctx.p
+        q, k, v, out = ctx.saved_tensors
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dq = torch.zeros(q.shape, dtype=compute, device=q.device)
+        dk = torch.zeros(k.shape, dtype=compute, device=q.device)
+        dv = torch.zeros(v.shape, dtype=compute, device=q.device)
+        for b0, b1, c0, c1 in _chunks(p, q):
+            c = _Chunk(p, q, k, v, b0, b1, c0, c1)
+            probs = c.probabilities(compute)  # [nb', c, b, n*b]
+            do = dout[b0:b1, c0:c1].to(compute)
+            delta = (do * out[b0:b1, c0:c1].to(compute)).sum(-1, keepdim=True)
+            dscores = probs * (do @ c.vg.to(compute).transpose(-1, -2) - delta) * p.scale
+            dq[b0:b1, c0:c1] = dscores @ c.kg.to(compute)
+            rows = (torch.arange(b0, b1, device=q.device)[:, None, None], c.kv_idx)
+            b, n = p.layout.block, c.kv_idx.shape[-1]
+            dk.index_put_(rows, (dscores.transpose(-1, -2) @ c.q.to(compute)).unflatten(2, (n, b)),
+                          accumulate=True)
+            dv.index_put_(rows, (probs.transpose(-1, -2) @ do).unflatten(2, (n, b)), accumulate=True)
+        return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _chunks(p: Problem, q: torch.Tensor):
+    """``(b0, b1, c0, c1)``: batch rows and query blocks of each chunk, sized so that
+    score-shaped temporaries stay a fraction of the inputs (within fixed bounds)."""
+    b, n = p.layout.block, max(1, p.layout.max_kv)
+    nb, mq = q.shape[:2]
+    budget = max(_MIN_CHUNK_ELEMENTS, min(_CHUNK_ELEMENTS, q.numel() // 4))
+    rows = max(1, budget // (b * n * b))
     for b0 in range(0, nb, rows):
         b1 = min(nb, b0 + rows)
         qblocks = max(1, rows // (b1 - b0))
         for c0 in range(0, mq, qblocks):
-            c1 = min(mq, c0 + qblocks)
-            args = (p, need_lse, q[b0:b1, c0:c1], k[b0:b1], v[b0:b1], heads[b0:b1],
-                    torch.arange(b0, b1, device=p.device), torch.arange(c0, c1, device=p.device))
-            o, lse = checkpoint(_sparse_chunk, *args, use_reentrant=False) if recompute else \
-                _sparse_chunk(*args)
-            outs.append((b0, o))
-            lses.append((b0, lse))
-    out = _assemble(outs)[:, :p.lq].to(p.dtype).view(*p.batch, p.lq, p.v_dim)
-    lse = _assemble(lses)[:, :p.lq].view(*p.batch, p.lq) if need_lse else None
-    return out, lse
+            yield b0, b1, c0, min(mq, c0 + qblocks)
 
 
-def _assemble(pieces) -> torch.Tensor:
-    """Stitch per-(batch chunk, query-block chunk) ``[nb', c, b, ...]`` results into
-    ``[nb, Mq * b, ...]`` (pieces arrive batch chunk by batch chunk, in order)."""
-    batches: dict[int, list[torch.Tensor]] = {}
-    for b0, t in pieces:
-        batches.setdefault(b0, []).append(t)
-    return torch.cat([torch.cat(ts, 1) for ts in batches.values()], 0).flatten(1, 2)
+class _Chunk:
+    """Query blocks ``c0:c1`` of batch rows ``b0:b1`` with their gathered key blocks
+    ``kg``/``vg`` ``[nb', c, n*b, D]`` and what each query sees of them."""
+
+    def __init__(self, p: Problem, q, k, v, b0, b1, c0, c1):
+        lay = p.layout
+        dev = q.device
+        self.p = p
+        heads = lay.head_index(p.batch, dev).flatten()[b0:b1]
+        qblocks = torch.arange(c0, c1, device=dev)
+        n = max(1, lay.max_kv)
+        self.kv_idx = lay.kv_indices[heads[:, None], qblocks[None, :], :n].long()  # [nb', c, n]
+        ar = torch.arange(b0, b1, device=dev)[:, None, None]
+        self.q = q[b0:b1, c0:c1]
+        self.kg = k[ar, self.kv_idx].flatten(2, 3)
+        self.vg = v[ar, self.kv_idx].flatten(2, 3)
+        if p.mask is None:
+            # Visibility depends only on the layout head: compute it once per head and
+            # broadcast it over the batch instead of once per batch element.
+            layout_heads = torch.arange(lay.block_type.shape[0], device=dev)
+            self.valid, self.additive = _chunk_visibility(p, layout_heads, None, qblocks)
+            if layout_heads.numel() > 1:
+                self.valid = self.valid[heads]
+        else:
+            self.valid, self.additive = _chunk_visibility(p, heads, torch.arange(b0, b1, device=dev), qblocks)
+
+    def scores(self, compute: torch.dtype) -> torch.Tensor:
+        s = (self.q.to(compute) @ self.kg.to(compute).transpose(-1, -2)) * self.p.scale
+        return s if self.additive is None else s + self.additive.to(compute)
+
+    def attend_math(self):
+        compute = torch.float64 if self.q.dtype == torch.float64 else torch.float32
+        return safe_softmax_attend(self.scores(compute), self.valid, self.vg.to(compute))
+
+    def probabilities(self, compute: torch.dtype) -> torch.Tensor:
+        _, p, denom = safe_lse(self.scores(compute), self.valid)
+        return p / denom
+
+    def attend_sdpa(self) -> torch.Tensor:
+        # SDPA gives NaN for a row that sees no key: such rows see everything, then are zeroed.
+        dead = ~self.valid.any(-1, keepdim=True)
+        q = self.q
+        bias = torch.zeros(self.valid.shape, dtype=q.dtype, device=q.device) if self.additive is None \
+            else self.additive.to(q.dtype)
+        bias = bias.masked_fill(~self.valid, float("-inf")).masked_fill(dead, 0.0)
+        out = F.scaled_dot_product_attention(q, self.kg, self.vg, attn_mask=bias, scale=self.p.scale)
+        return out.masked_fill(dead, 0.0)
 
 
 def _chunk_visibility(p: Problem, heads, batch_ids, qblock_ids):
@@ -270,37 +362,6 @@ def _chunk_visibility(p: Problem, heads, batch_ids, qblock_ids):
             additive = m.flatten(-2)
             valid = valid & (m > float("-inf"))
     return valid.flatten(-2), additive
-
-
-def _sparse_chunk(p: Problem, need_lse: bool, q, k, v, heads, batch_ids, qblock_ids):
-    """One chunk: q ``[nb, c, b, D]`` against its gathered key blocks ``[nb, c, n*b, D]``."""
-    lay = p.layout
-    n = max(1, lay.max_kv)
-    kv_idx = lay.kv_indices[heads[:, None], qblock_ids[None, :], :n].long()  # [nb, c, n]
-    ar = torch.arange(q.shape[0], device=q.device)[:, None, None]
-    kg = k[ar, kv_idx].flatten(2, 3)
-    vg = v[ar, kv_idx].flatten(2, 3)
-    if p.mask is None:
-        # Visibility depends only on the layout head: compute it once per head and
-        # broadcast it over the batch instead of once per batch element.
-        layout_heads = torch.arange(lay.block_type.shape[0], device=q.device)
-        valid, additive = _chunk_visibility(p, layout_heads, None, qblock_ids)
-        if layout_heads.numel() > 1:
-            valid = valid[heads]
-    else:
-        valid, additive = _chunk_visibility(p, heads, batch_ids, qblock_ids)
-    if need_lse:
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        scores = (q.to(compute) @ kg.to(compute).transpose(-1, -2)) * p.scale
-        if additive is not None:
-            scores = scores + additive.to(compute)
-        return safe_softmax_attend(scores, valid, vg.to(compute))
-    # SDPA gives NaN for a row that sees no key: such rows see everything, then are zeroed.
-    dead = ~valid.any(-1, keepdim=True)
-    bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device) if additive is None else additive.to(q.dtype)
-    bias = bias.masked_fill(~valid, float("-inf")).masked_fill(dead, 0.0)
-    out = F.scaled_dot_product_attention(q, kg, vg, attn_mask=bias, scale=p.scale)
-    return out.masked_fill(dead, 0.0), None
 
 
 BACKEND = TorchBackend()
