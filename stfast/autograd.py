@@ -18,17 +18,17 @@ from . import backends
 from .lowering import LoweredLayout, Problem, lower, to5
 
 
-def _problem(q, k, v, mask, tables, block, head_strides, max_kv, max_q, kind, causal, scale) -> Problem:
-    layout = LoweredLayout.from_tables(tables, block, head_strides, max_kv, max_q) if tables else None
+def _problem(q, k, v, mask, tables, block, head_strides, kind, causal, scale) -> Problem:
+    layout = LoweredLayout.from_tables(tables, block, head_strides) if tables else None
     return lower(kind, q, k, v, scale=scale, causal=causal or None, mask=mask, layout=layout)
 
 
 @torch.library.custom_op("stfast::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                  tables: list[torch.Tensor], block: int, head_strides: list[int], max_kv: int,
-                  max_q: int, kind: str, causal: str, scale: float,
+                  tables: list[torch.Tensor], block: int, head_strides: list[int],
+                  kind: str, causal: str, scale: float,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    p = _problem(q, k, v, mask, tables, block, head_strides, max_kv, max_q, kind, causal, scale)
+    p = _problem(q, k, v, mask, tables, block, head_strides, kind, causal, scale)
     out, out5 = p.new_output()
     lse5 = p.new_lse()
     backends.get(backend).forward(p, out5, lse5)
@@ -36,18 +36,18 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, tables, block, head_strides, max_kv, max_q, kind, causal, scale, backend):
-    p = _problem(q, k, v, mask, tables, block, head_strides, max_kv, max_q, kind, causal, scale)
+def _(q, k, v, mask, tables, block, head_strides, kind, causal, scale, backend):
+    p = _problem(q, k, v, mask, tables, block, head_strides, kind, causal, scale)
     return p.new_output()[0], p.new_lse()
 
 
 @torch.library.custom_op("stfast::attention_bwd", mutates_args=())
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   out: torch.Tensor, lse: torch.Tensor, mask: Optional[torch.Tensor],
-                  tables: list[torch.Tensor], block: int, head_strides: list[int], max_kv: int,
-                  max_q: int, kind: str, causal: str, scale: float,
+                  tables: list[torch.Tensor], block: int, head_strides: list[int],
+                  kind: str, causal: str, scale: float,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = _problem(q, k, v, mask, tables, block, head_strides, max_kv, max_q, kind, causal, scale)
+    p = _problem(q, k, v, mask, tables, block, head_strides, kind, causal, scale)
     (dq, dq5), (dk, dk5), (dv, dv5) = p.new_grads(q, k, v)
     backends.get(backend).backward(p, to5(out, kind, p.groups), to5(dout, kind, p.groups), lse,
                                    dq5, dk5, dv5)
@@ -55,7 +55,7 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, mask, tables, block, head_strides, max_kv, max_q, kind, causal,
+def _(dout, q, k, v, out, lse, mask, tables, block, head_strides, kind, causal,
       scale, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 

@@ -108,8 +108,7 @@ def _dispatch(kind, q, k, v, *, scale, causal, mask, layout, head_strides, retur
     else:
         tables = lowered.tables() if lowered is not None else []
         out, lse5 = autograd.attention_fwd(
-            q, k, v, mask, tables, lowered.block if lowered else 0, list(head_strides),
-            lowered.max_kv if lowered else 0, lowered.max_q if lowered else 0, kind,
+            q, k, v, mask, tables, lowered.block if lowered else 0, list(head_strides), kind,
             causal or "", scale, chosen.name)
     return out, lse5
 

@@ -68,8 +68,7 @@ class BlockLayout:
         self.partial_index = torch.where(is_partial, partial_index, -1).contiguous()
         self.partial_masks = partial_masks.contiguous()
         active = self.block_type > 0
-        self.max_kv = int(active.sum(-1).max())
-        self.max_q = int(active.sum(-2).max())
+        self.row_counts = tuple(active.sum(-1).amax(0).tolist())
         self._lowered: dict = {}
 
     @property
@@ -122,7 +121,7 @@ class BlockLayout:
         if key not in self._lowered:
             self._lowered[key] = LoweredLayout.build(
                 self.block, self.block_type.to(device), self.partial_index.to(device),
-                self.partial_masks.to(device), tuple(head_strides), self.max_kv, self.max_q)
+                self.partial_masks.to(device), tuple(head_strides), self.row_counts)
         return self._lowered[key]
 
     def picture(self, path=None, head: int = 0, max_size: int = 64) -> str:

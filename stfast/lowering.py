@@ -43,13 +43,15 @@ class LoweredLayout:
     q_counts: torch.Tensor
     q_indices: torch.Tensor
     head_strides: tuple[int, int, int]
-    max_kv: int  # most active key blocks of any query block (a Python int: no device sync)
-    max_q: int  # most active query blocks of any key block
+    # Active key blocks of each query block, the max over layout heads, as Python ints
+    # so the torch backend can plan its chunks without a device sync.  Empty inside
+    # the kernel custom ops, whose kernels read kv_counts.
+    row_counts: tuple[int, ...] = ()
 
     @staticmethod
     def build(block: int, block_type: torch.Tensor, partial_index: torch.Tensor,
               partial_masks: torch.Tensor, head_strides: tuple[int, int, int],
-              max_kv: int, max_q: int) -> "LoweredLayout":
+              row_counts: tuple[int, ...]) -> "LoweredLayout":
         active = block_type > 0
         # A stable sort of "inactive" flags puts the active block indices first, ascending.
         kv_indices = torch.sort((~active).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
@@ -60,7 +62,7 @@ class LoweredLayout:
             partial_masks=partial_masks,
             kv_counts=active.sum(-1, dtype=torch.int32), kv_indices=kv_indices.contiguous(),
             q_counts=active.sum(-2, dtype=torch.int32), q_indices=q_indices.contiguous(),
-            head_strides=head_strides, max_kv=max_kv, max_q=max_q)
+            head_strides=head_strides, row_counts=row_counts)
 
     def tables(self) -> list[torch.Tensor]:
         """The tensors of the schedule, in the order :meth:`from_tables` takes them."""
@@ -68,11 +70,11 @@ class LoweredLayout:
                 self.kv_indices, self.q_counts, self.q_indices]
 
     @staticmethod
-    def from_tables(tables, block: int, head_strides, max_kv: int, max_q: int) -> "LoweredLayout":
+    def from_tables(tables, block: int, head_strides) -> "LoweredLayout":
         bt, pi, pm, kc, ki, qc, qi = tables
         return LoweredLayout(block=block, block_type=bt, partial_index=pi, partial_masks=pm,
                              kv_counts=kc, kv_indices=ki, q_counts=qc, q_indices=qi,
-                             head_strides=tuple(head_strides), max_kv=max_kv, max_q=max_q)
+                             head_strides=tuple(head_strides))
 
     def head_index(self, batch: tuple[int, int, int], device) -> torch.Tensor:
         """Layout head of every batch element, as a ``[B0, B1, B2]`` int64 tensor."""

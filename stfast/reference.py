@@ -229,14 +229,13 @@ class _BlockSparseAttention(torch.autograd.Function):
     def forward(ctx, p: Problem, need_lse: bool, q, k, v):
         out = q.new_empty(*q.shape[:3], v.shape[-1])
         lse = q.new_empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-        for b0, b1, c0, c1 in _chunks(p, q):
-            c = _Chunk(p, q, k, v, b0, b1, c0, c1)
+        for b0, b1, qblocks, n in _chunks(p, q):
+            c = _Chunk(p, q, k, v, b0, b1, qblocks, n)
             if need_lse:
-                o, l_ = c.attend_math()
-                out[b0:b1, c0:c1], lse[b0:b1, c0:c1] = o, l_
+                out[b0:b1, qblocks], lse[b0:b1, qblocks] = c.attend_math()
             else:
-                out[b0:b1, c0:c1] = c.attend_sdpa()
-        ctx.p, ctx.need_lse = p, need_lse
+                out[b0:b1, qblocks] = c.attend_sdpa()
+        ctx.p = p
         ctx.save_for_backward(q, k, v, out)
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -249,60 +248,78 @@ class _BlockSparseAttention(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=compute, device=q.device)
         dk = torch.zeros(k.shape, dtype=compute, device=q.device)
         dv = torch.zeros(v.shape, dtype=compute, device=q.device)
-        for b0, b1, c0, c1 in _chunks(p, q):
-            c = _Chunk(p, q, k, v, b0, b1, c0, c1)
+        mk = k.shape[1]
+        dk_flat, dv_flat = dk.view(-1, *k.shape[2:]), dv.view(-1, *v.shape[2:])
+        for b0, b1, qblocks, n in _chunks(p, q):
+            c = _Chunk(p, q, k, v, b0, b1, qblocks, n)
             probs = c.probabilities(compute)  # [nb', c, b, n*b]
-            do = dout[b0:b1, c0:c1].to(compute)
-            delta = (do * out[b0:b1, c0:c1].to(compute)).sum(-1, keepdim=True)
+            do = dout[b0:b1, qblocks].to(compute)
+            delta = (do * out[b0:b1, qblocks].to(compute)).sum(-1, keepdim=True)
             dscores = probs * (do @ c.vg.to(compute).transpose(-1, -2) - delta) * p.scale
-            dq[b0:b1, c0:c1] = dscores @ c.kg.to(compute)
-            rows = (torch.arange(b0, b1, device=q.device)[:, None, None], c.kv_idx)
-            b, n = p.layout.block, c.kv_idx.shape[-1]
-            dk.index_put_(rows, (dscores.transpose(-1, -2) @ c.q.to(compute)).unflatten(2, (n, b)),
-                          accumulate=True)
-            dv.index_put_(rows, (probs.transpose(-1, -2) @ do).unflatten(2, (n, b)), accumulate=True)
+            dq[b0:b1, qblocks] = dscores @ c.kg.to(compute)
+            # Scatter-add the gathered blocks' gradients: rows of [nb * Mk, b, D].
+            dest = (torch.arange(b0, b1, device=q.device)[:, None, None] * mk + c.kv_idx).flatten()
+            b = p.layout.block
+            dk_flat.index_add_(0, dest, (dscores.transpose(-1, -2) @ c.q.to(compute)).reshape(-1, b, k.shape[-1]))
+            dv_flat.index_add_(0, dest, (probs.transpose(-1, -2) @ do).reshape(-1, b, v.shape[-1]))
         return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _chunks(p: Problem, q: torch.Tensor):
-    """``(b0, b1, c0, c1)``: batch rows and query blocks of each chunk, sized so that
-    score-shaped temporaries stay a fraction of the inputs (within fixed bounds)."""
-    b, n = p.layout.block, max(1, p.layout.max_kv)
-    nb, mq = q.shape[:2]
+    """``(b0, b1, qblocks, n)``: the batch rows, query blocks and gathered key-block
+    count of each chunk.
+
+    Query blocks are grouped by how many key blocks they see, so a few dense rows
+    (BigBird's global blocks) do not make every row gather as many; chunks are sized
+    so that score-shaped temporaries stay a fraction of the inputs (within bounds).
+    """
+    b = p.layout.block
+    nb = q.shape[0]
+    counts = p.layout.row_counts
     budget = max(_MIN_CHUNK_ELEMENTS, min(_CHUNK_ELEMENTS, q.numel() // 4))
-    rows = max(1, budget // (b * n * b))
-    for b0 in range(0, nb, rows):
-        b1 = min(nb, b0 + rows)
-        qblocks = max(1, rows // (b1 - b0))
-        for c0 in range(0, mq, qblocks):
-            yield b0, b1, c0, min(mq, c0 + qblocks)
+    order = sorted(range(len(counts)), key=counts.__getitem__)
+    start = 0
+    while start < len(order):
+        # Grow the group while padding every row to the group's largest count wastes
+        # at most a quarter of its work.
+        stop = start + 1
+        while stop < len(order) and counts[order[stop]] * 4 <= max(1, counts[order[start]]) * 5:
+            stop += 1
+        n = max(1, counts[order[stop - 1]])
+        rows = max(1, budget // (b * n * b))
+        group = order[start:stop]
+        for b0 in range(0, nb, rows):
+            b1 = min(nb, b0 + rows)
+            per = max(1, rows // (b1 - b0))
+            for i in range(0, len(group), per):
+                yield b0, b1, torch.tensor(group[i:i + per], device=q.device), n
+        start = stop
 
 
 class _Chunk:
-    """Query blocks ``c0:c1`` of batch rows ``b0:b1`` with their gathered key blocks
-    ``kg``/``vg`` ``[nb', c, n*b, D]`` and what each query sees of them."""
+    """Query blocks ``qblocks`` of batch rows ``b0:b1`` with their first ``n`` key
+    blocks gathered (``kg``/``vg`` ``[nb', c, n*b, D]``) and what each query sees."""
 
-    def __init__(self, p: Problem, q, k, v, b0, b1, c0, c1):
+    def __init__(self, p: Problem, q, k, v, b0, b1, qblocks, n):
         lay = p.layout
         dev = q.device
         self.p = p
         heads = lay.head_index(p.batch, dev).flatten()[b0:b1]
-        qblocks = torch.arange(c0, c1, device=dev)
-        n = max(1, lay.max_kv)
         self.kv_idx = lay.kv_indices[heads[:, None], qblocks[None, :], :n].long()  # [nb', c, n]
         ar = torch.arange(b0, b1, device=dev)[:, None, None]
-        self.q = q[b0:b1, c0:c1]
+        self.q = q[b0:b1, qblocks]
         self.kg = k[ar, self.kv_idx].flatten(2, 3)
         self.vg = v[ar, self.kv_idx].flatten(2, 3)
         if p.mask is None:
             # Visibility depends only on the layout head: compute it once per head and
             # broadcast it over the batch instead of once per batch element.
             layout_heads = torch.arange(lay.block_type.shape[0], device=dev)
-            self.valid, self.additive = _chunk_visibility(p, layout_heads, None, qblocks)
+            self.valid, self.additive = _chunk_visibility(p, layout_heads, None, qblocks, n)
             if layout_heads.numel() > 1:
                 self.valid = self.valid[heads]
         else:
-            self.valid, self.additive = _chunk_visibility(p, heads, torch.arange(b0, b1, device=dev), qblocks)
+            self.valid, self.additive = _chunk_visibility(p, heads, torch.arange(b0, b1, device=dev),
+                                                          qblocks, n)
 
     def scores(self, compute: torch.dtype) -> torch.Tensor:
         s = (self.q.to(compute) @ self.kg.to(compute).transpose(-1, -2)) * self.p.scale
@@ -327,15 +344,14 @@ class _Chunk:
         return out.masked_fill(dead, 0.0)
 
 
-def _chunk_visibility(p: Problem, heads, batch_ids, qblock_ids):
+def _chunk_visibility(p: Problem, heads, batch_ids, qblock_ids, n: int):
     """``(valid, additive)``, each ``[R, c, b, n * b]``, for the query blocks
     ``qblock_ids`` of R rows (layout head ``heads[r]``; batch element ``batch_ids[r]``
-    when the problem has a user mask): which of the gathered key slots each query
-    sees, and the user's additive mask on them (or None)."""
+    when the problem has a user mask): which of the first ``n`` gathered key slots
+    each query sees, and the user's additive mask on them (or None)."""
     lay = p.layout
     b = lay.block
     dev = heads.device
-    n = max(1, lay.max_kv)
     kv_idx = lay.kv_indices[heads[:, None], qblock_ids[None, :], :n].long()  # [R, c, n]
     slot_ok = torch.arange(n, device=dev) < lay.kv_counts[heads[:, None], qblock_ids[None, :], None]
     q_pos = qblock_ids[:, None] * b + torch.arange(b, device=dev)  # [c, b]

@@ -108,10 +108,9 @@ def test_kernel_custom_op_passes_opcheck_and_compiles():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v = (torch.randn(1, 2, 16, 8, device=device, requires_grad=True) for _ in range(3))
     fwd = torch.ops.stfast.attention_fwd.default
-    torch.library.opcheck(fwd, (q, k, v, None, [], 0, [0, 0, 0], 0, 0, "dense", "top_left", 0.35, "triton"))
+    torch.library.opcheck(fwd, (q, k, v, None, [], 0, [0, 0, 0], "dense", "top_left", 0.35, "triton"))
     lay = stfast.layouts.causal(16, block=16).lowered(device, (0, 0, 0))
-    torch.library.opcheck(fwd, (q, k, v, None, lay.tables(), 16, [0, 0, 0], lay.max_kv, lay.max_q,
-                                "dense", "", 0.35, "triton"))
+    torch.library.opcheck(fwd, (q, k, v, None, lay.tables(), 16, [0, 0, 0], "dense", "", 0.35, "triton"))
     torch._dynamo.reset()
     f = torch.compile(lambda a, b, c: stfast.attention(a, b, c, causal=True, backend="triton"),
                       fullgraph=True, backend="aot_eager")
