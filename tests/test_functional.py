@@ -272,3 +272,33 @@ def test_random_spatiotemporal_shapes_match_oracle(t, n, h, d, axis, causal, see
     q, k, v = (torch.randn(2, t, n, h, d) for _ in range(3))
     out = stfast.spatiotemporal_attention(q, k, v, axis=axis, causal=causal)
     assert_close(out, reference(axis, q, k, v, causal=causal)[0], **TOL)
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most elements of any tensor an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("builder", ["local", "bigbird"])
+def test_block_sparse_never_builds_an_l_by_l_tensor(builder):
+    length, heads, d = 4096, 2, 16
+    if builder == "local":
+        layout = stfast.layouts.local(length, window=128, block=64)
+    else:
+        layout = stfast.layouts.bigbird(length, num_global=1, num_window=3, num_random=1, block=64)
+    q, k, v = _dense(1, heads, heads, length, length, d, requires_grad=True)
+    with _LargestTensor() as watch:
+        out = stfast.block_sparse_attention(q, k, v, layout, backend="torch")
+        out.backward(torch.randn_like(out))
+    assert watch.largest < heads * length * length // 8, \
+        f"a tensor of {watch.largest} elements appeared (L x L x H = {heads * length * length})"
