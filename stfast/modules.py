@@ -66,6 +66,10 @@ class SpatioTemporalAttention(nn.Module):
     ``spatial_mask`` (forward) and ``spatial_layout`` (init) restrict the space
     passes: a bool/additive ``[N, N]`` mask such as a graph adjacency, or a
     :class:`stfast.BlockLayout` over N.
+
+    ``"joint"`` with ``causal_time`` builds a frame-causal :class:`BlockLayout` on the
+    first call for each (T, N) and keeps it; building it is data-dependent, so under
+    ``torch.compile(fullgraph=True)`` run the module once eagerly for each (T, N) first.
     """
 
     def __init__(self, dim: int, num_heads: int, *, mode: str = "divided", causal_time: bool = False,
