@@ -26,8 +26,8 @@ Scores are kept in log2 units (``qk_scale = scale * log2(e)``) so the softmax is
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

@@ -131,7 +131,7 @@ def _layout_args(p: Problem):
 def _common(p: Problem):
     mask, mask_strides, has_mask, mask_bool = _mask_args(p)
     return dict(mask=mask, mask_strides=mask_strides, has_mask=has_mask, mask_bool=mask_bool,
-                qk_scale=p.scale * kernels.LOG2E, causal_off=_causal_offset(p),
+                qk_scale=p.scale * kernels.LOG2E.value, causal_off=_causal_offset(p),
                 d_pad=_pad(p.head_dim), dv_pad=_pad(p.v_dim), prec=_dot_precision(p.dtype),
                 causal=p.causal is not None)
 
