@@ -20,6 +20,8 @@ def _fmt(value, spec: str) -> str:
 
 def _note(r: dict) -> str:
     if r["status"] == "ok":
+        if r.get("bytes_per_layer") is not None:  # distributed rows: communication volume
+            return f"{r['bytes_per_layer']:,} B/layer ({r['activation_shares']:.1f}x M/P)"
         return f"compile {r['compile_s']:.1f}s" if r.get("compile_s") is not None else ""
     return f"{r['status'].upper()}: {r['reason']}"
 
