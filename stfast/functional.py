@@ -84,7 +84,9 @@ def _empty_result(q, k, v, out_shape, lse_shape, return_lse):
     """Zero-size problems: empty outputs, or zeros (LSE -inf) when there is no key."""
     out = q.new_zeros(out_shape)
     if any(t.requires_grad for t in (q, k, v)):
-        out = out + 0 * (q.sum() + k.sum() + v.sum())  # keeps the graph: zero gradients
+        # The sum of an empty slice is exactly 0 (even if the inputs hold NaN) and keeps
+        # the inputs in the graph, so their gradients are zeros, not missing.
+        out = out + sum(t.flatten()[:0].sum() for t in (q, k, v))
     lse = q.new_full(lse_shape, float("-inf"), dtype=torch.float32)
     return (out, lse) if return_lse else out
 
