@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
@@ -213,6 +214,10 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   const bool shared = p.B2 > 1 && dk.stride(2) == 0;
   TORCH_CHECK_VALUE(shared == (p.B2 > 1 && dv.stride(2) == 0), "dk and dv must both or neither be shared "
                     "over dim 2, got strides ", dk.strides(), " and ", dv.strides());
+  // The summing CTA loads k/v of b2 = 0 only, which is right only when every b2 reads them.
+  TORCH_CHECK_VALUE(!shared || (k.stride(2) == 0 && v.stride(2) == 0), "dk and dv shared over dim 2 (stride 0) "
+                    "need k and v shared over dim 2 too, got k strides ", k.strides(), " and v strides ",
+                    v.strides());
   auto check_grad = [&](const at::Tensor& g, const char* name) {
     check_view(g, name, device, false);
     for (int i = 0; i < 5; ++i)
@@ -241,4 +246,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("head_dims") = std::vector<int>(std::begin(stfast::kHeadDims), std::end(stfast::kHeadDims));
   m.attr("max_head_dim") = stfast::kMaxHeadDim;
   m.attr("layout_block_multiple") = stfast::kLayoutBlockMultiple;
+  // {padded head dim: (forward, backward) dynamic shared memory}, for stfast.cuda.smem_bytes to be checked against.
+  pybind11::dict smem;
+  for (int dp : stfast::kHeadDims)
+    smem[pybind11::int_(dp)] = pybind11::make_tuple(
+        stfast::fwd_smem_bytes(dp), std::max(stfast::dq_smem_bytes(dp), stfast::dkdv_smem_bytes(dp)));
+  m.attr("smem_bytes") = smem;
 }

@@ -38,8 +38,33 @@ _MASK_DTYPES = (torch.bool, torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256  # csrc/binding.cpp kMaxHeadDim: head dims are zero-padded to 64/128/192/256
 LAYOUT_BLOCK_MULTIPLE = 64  # csrc/params.h kLayoutBlockMultiple
 MAX_LENGTH = 64 * 65535  # one grid row per 64-row tile
+PADDED_HEAD_DIMS = (64, 128, 192, 256)  # csrc/binding.cpp kHeadDims
 _CAUSAL_CODES = {None: 0, "top_left": 1, "bottom_right": 2}
 _JIT_NAME = "stfast_cuda"
+
+
+def smem_bytes(head_dim: int) -> tuple[int, int]:
+    """(forward, backward) dynamic shared memory per CTA for ``head_dim``: mirrors the
+    tile sizes of csrc/params.h (the binding exports its own numbers as ``smem_bytes``)."""
+    dp = next(d for d in PADDED_HEAD_DIMS if head_dim <= d)
+    bm, bn = 64, (32 if dp > 128 else 64)  # fwd_block_m, fwd_block_n (also the dQ kernel's)
+    kbn, kbm = 64, (32 if dp > 128 else 64)  # dkdv_block_n, dkdv_block_m
+    fwd = (bm + 4 * bn) * dp * 2
+    dq = (2 * bm + 4 * bn) * dp * 2
+    dkdv = (2 * kbn + 4 * kbm) * dp * 2 + 4 * kbm * 4
+    return fwd, max(dq, dkdv)
+
+
+def smem_reason(head_dim: int, requires_grad: bool, optin: int) -> str | None:
+    """Why the kernels for ``head_dim`` do not fit a device allowing ``optin`` bytes of
+    shared memory per block (sm_86/89/120 allow 99 KiB: head dims above 192 run the
+    forward there but not the backward), or None."""
+    fwd, bwd = smem_bytes(head_dim)
+    needed, which = (max(fwd, bwd), "backward") if requires_grad else (fwd, "forward")
+    if needed <= optin:
+        return None
+    return (f"head dim {head_dim} needs {needed} bytes of shared memory per block for the {which} "
+            f"pass; this GPU allows {optin}")
 
 
 def _flag(name: str) -> bool:
@@ -253,6 +278,13 @@ class CudaBackend(Backend):
         d = p.head_dim
         if d % 8 or d > MAX_HEAD_DIM:
             reasons.append(f"head dim {d} is not supported (multiples of 8 up to {MAX_HEAD_DIM})")
+        elif p.device.type == "cuda":
+            # Constant-folded by torch.compile; older torch lacks the field (the binding
+            # still refuses with a ValueError then).
+            optin = getattr(torch.cuda.get_device_properties(p.device), "shared_memory_per_block_optin", None)
+            reason = smem_reason(d, requires_grad, optin) if optin else None
+            if reason:
+                reasons.append(reason)
         if p.v_dim != d:
             reasons.append(f"v's head dim {p.v_dim} differs from q/k's {d}")
         for name, t in (("q", p.q), ("k", p.k), ("v", p.v)):

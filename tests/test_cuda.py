@@ -69,6 +69,21 @@ def test_not_supported_reasons_name_the_cause():
     assert "16-byte" in reasons or "multiples of 8" in reasons, reasons
 
 
+def test_smem_reason_refuses_backward_that_does_not_fit():
+    # sm_86/89/120 allow 99 KiB (101376 bytes) per block: head dims above 192 fit the
+    # forward there but not the backward, which must go to another backend, not raise.
+    small, hopper = 101376, 232448
+    assert scuda.smem_reason(256, False, small) is None
+    reason = scuda.smem_reason(256, True, small)
+    assert reason is not None and "backward" in reason and "256" in reason, reason
+    assert scuda.smem_reason(200, True, small) is not None  # padded to 256
+    for d in (8, 64, 72, 128, 192):
+        assert scuda.smem_reason(d, True, small) is None, d
+    for d in (8, 72, 128, 192, 256):
+        assert scuda.smem_reason(d, True, hopper) is None, d
+    assert scuda.smem_bytes(72) == scuda.smem_bytes(128)
+
+
 def test_file_lock_excludes_a_second_holder(tmp_path):
     order = []
     held = threading.Event()
@@ -206,7 +221,11 @@ def _plain(kind, q, k, v, dout, causal, scale, mask, layout, head_strides, dtype
 def _kernel(kind, q, k, v, dout, causal, scale, mask, layout, head_strides):
     """(out5, lse5, dq, dk, dv) of the cuda backend called directly, on poisoned buffers."""
     p = _lowered(kind, q, k, v, causal, scale, mask, layout, head_strides, q.device)
-    assert scuda.BACKEND.not_supported_reasons(p) == []
+    reasons = scuda.BACKEND.not_supported_reasons(p, requires_grad=True)
+    smem = scuda.smem_reason(q.shape[-1], True, torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin)
+    if smem is not None and reasons == [smem]:
+        pytest.skip(f"this GPU cannot run the backward for this head dim: {smem}")
+    assert reasons == []
     out, out5 = p.new_output()
     out.fill_(float("nan"))
     lse5 = p.new_lse().fill_(float("nan"))
@@ -367,6 +386,54 @@ def test_bad_buffers_raise_value_errors():
     with pytest.raises(ValueError, match="out"):
         scuda.BACKEND.forward(p, torch.empty(1, 2, 1, 17, 128, dtype=torch.float16, device="cuda")[..., 1:65],
                               p.new_lse())
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+def test_smem_table_matches_the_binding():
+    _cuda_ready()
+    exported = scuda.BACKEND.library().smem_bytes
+    assert {dp: tuple(v) for dp, v in exported.items()} == {dp: scuda.smem_bytes(dp) for dp in scuda.PADDED_HEAD_DIMS}
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+def test_small_shared_memory_gpu_refuses_only_what_does_not_fit(monkeypatch):
+    _cuda_ready()
+    q = _rand(1, 2, 17, 256, dtype=torch.float16)
+    p = lower("dense", q, q, q, scale=0.1)
+    assert scuda.BACKEND.not_supported_reasons(p, requires_grad=True) == []  # H100/H200/A100 fit
+    real = torch.cuda.get_device_properties
+
+    class SmallSmem:
+        def __init__(self, props):
+            self._props = props
+            self.shared_memory_per_block_optin = 101376  # sm_86 / sm_89
+
+        def __getattr__(self, name):
+            return getattr(self._props, name)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SmallSmem(real(d)))
+    assert scuda.BACKEND.not_supported_reasons(p, requires_grad=False) == []
+    reasons = " | ".join(scuda.BACKEND.not_supported_reasons(p, requires_grad=True))
+    assert "shared memory" in reasons and "backward" in reasons, reasons
+
+
+@pytest.mark.gpu
+@needs_cuda_backend
+def test_shared_grads_need_shared_kv():
+    # One CTA sums dk/dv over the group reading k/v of b2 = 0 only: refuse unshared k/v.
+    _cuda_ready()
+    q, k, v = (_rand(1, 2, 3, 17, 64, dtype=torch.float16) for _ in range(3))
+    p = lower("space", q, k, v, scale=0.1)  # [1, 2, 17, 3, 64] views with real strides
+    out, out5 = p.new_output()
+    lse5 = p.new_lse()
+    scuda.BACKEND.forward(p, out5, lse5)
+    dq5 = torch.empty_like(p.q)
+    dk5 = torch.empty(*p.k.shape[:2], 1, *p.k.shape[3:], dtype=q.dtype, device="cuda").expand(p.k.shape)
+    dv5 = torch.empty_like(dk5[:, :, :1]).expand(p.v.shape)
+    with pytest.raises(ValueError, match="k and v shared"):
+        scuda.BACKEND.backward(p, out5, torch.randn_like(out5), lse5, dq5, dk5, dv5)
 
 
 _SANITIZER_SCRIPT = """
