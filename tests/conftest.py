@@ -1,7 +1,5 @@
 import os
 
-import pytest
-
 # Triton reads TRITON_INTERPRET when it is imported: decide before anything imports it.
 # Without a GPU the Triton kernels run on the CPU through the interpreter.
 if "TRITON_INTERPRET" not in os.environ:
@@ -13,13 +11,3 @@ if "TRITON_INTERPRET" not in os.environ:
     except ImportError:
         pass
 
-
-def pytest_collection_modifyitems(config, items):
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)

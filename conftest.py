@@ -1,14 +1,12 @@
-"""pytest configuration for the benchmark cases: ``pytest bench/ --benchmark-only``.
-
-The repository's ``testpaths`` is ``tests/``, so a plain ``pytest`` never collects
-these; they run only when ``bench/`` is named.
-"""
+"""pytest configuration shared by ``tests/`` and ``bench/``: tests marked ``gpu`` skip
+without a CUDA device."""
 
 import pytest
-import torch
 
 
 def pytest_collection_modifyitems(config, items):
+    import torch
+
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
