@@ -24,8 +24,8 @@ _MIN_CHUNK_ELEMENTS = 1 << 18
 
 
 def safe_lse(scores: torch.Tensor, valid: torch.Tensor | None):
-    """``(lse [..., 1], exp(scores - m), m, denom)`` where a row with no valid key has
-    LSE -inf, and every gradient stays finite (0 for such rows)."""
+    """``(lse [..., 1], exp(scores - m), denom)`` with m the (detached) row max; a row
+    with no valid key has LSE -inf, and every gradient stays finite (0 for such rows)."""
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))
     m = scores.amax(-1, keepdim=True).detach()
@@ -128,21 +128,15 @@ class TorchBackend(Backend):
 
 
 def _dense_visibility(p: Problem) -> tuple[torch.Tensor | None, bool]:
-    """The SDPA mask for a dense problem and whether SDPA's own ``is_causal`` applies."""
-    mask = p.mask
-    if p.causal is None or (p.causal == "bottom_right" and p.lq == p.lk):
-        causal = p.causal is not None
-    else:
-        causal = p.causal == "top_left"
-    if mask is None or not causal:
-        if p.causal == "bottom_right" and p.lq != p.lk:
-            c = causal_visible(p.causal, torch.arange(p.lq, device=p.device),
-                               torch.arange(p.lk, device=p.device), p.lq, p.lk)
-            mask = c if mask is None else _combine(mask, c)
-        return mask, causal and mask is None
-    c = causal_visible("top_left", torch.arange(p.lq, device=p.device),
+    """The SDPA mask of a dense problem and whether SDPA's own ``is_causal`` applies
+    (it is top-left, which bottom-right equals when Lq == Lk)."""
+    if p.causal is None:
+        return p.mask, False
+    if p.mask is None and (p.causal == "top_left" or p.lq == p.lk):
+        return None, True
+    c = causal_visible(p.causal, torch.arange(p.lq, device=p.device),
                        torch.arange(p.lk, device=p.device), p.lq, p.lk)
-    return _combine(mask, c), False
+    return (c if p.mask is None else _combine(p.mask, c)), False
 
 
 def _combine(mask: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
