@@ -147,3 +147,23 @@ def test_module_gradients_flow_to_every_parameter():
         m(torch.randn(B, T, N, C)).square().mean().backward()
         for name, p in m.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all(), f"{mode}: {name}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["space", "time", "joint", "divided", "heads", "gated"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_modules_on_gpu_kernels_match_float64(mode, dtype):
+    """On a GPU, `auto` runs the kernels; their error against float64 must be at most
+    twice that of the torch backend at the same dtype (plus a small epsilon)."""
+    torch.manual_seed(0)
+    ref = stfast.SpatioTemporalAttention(64, 4, mode=mode, causal_time=True, backend="torch").double().cuda()
+    x = torch.randn(2, 8, 50, 64, dtype=torch.float64, device="cuda")
+    if mode == "joint":
+        ref(x)
+    want = ref(x)
+    errors = {}
+    for backend in ("auto", "torch"):
+        m = stfast.SpatioTemporalAttention(64, 4, mode=mode, causal_time=True, backend=backend).cuda().to(dtype)
+        m.load_state_dict(ref.state_dict())
+        errors[backend] = (m(x.to(dtype)).double() - want).abs().max().item()
+    assert errors["auto"] <= 2 * errors["torch"] + 1e-3, errors
