@@ -334,3 +334,22 @@ def test_gpu_block_sparse_low_precision(block):
     dtype = torch.bfloat16
     _low_precision_case(dtype, "dense", rand(1, 4, 1000, 64, dtype=dtype), rand(1, 4, 1000, 64, dtype=dtype),
                         rand(1, 4, 1000, 64, dtype=dtype), layout=lay.lowered("cuda", (0, 1, 0)))
+
+
+@interpret
+@pytest.mark.parametrize("mode", ["space", "time", "joint", "divided", "heads", "gated"])
+def test_modules_through_the_triton_backend(mode):
+    """Module -> functional -> custom op -> kernels, with the strided views a fused
+    projection (and, for "heads", a head slice of it) produces."""
+    torch.manual_seed(0)
+    ref = stfast.SpatioTemporalAttention(32, 4, mode=mode, causal_time=True, backend="torch").to(DEVICE)
+    tri = stfast.SpatioTemporalAttention(32, 4, mode=mode, causal_time=True, backend="triton").to(DEVICE)
+    tri.load_state_dict(ref.state_dict())
+    x = rand(2, 5, 6, 32)
+    want, got = ref(x), tri(x)
+    torch.testing.assert_close(got, want, **TOL)
+    dout = torch.randn_like(want)
+    want.backward(dout)
+    got.backward(dout)
+    for (name, a), b in zip(tri.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **TOL, msg=lambda m: f"{name}: {m}")
