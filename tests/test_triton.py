@@ -353,3 +353,26 @@ def test_modules_through_the_triton_backend(mode):
     got.backward(dout)
     for (name, a), b in zip(tri.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@interpret
+def test_sequence_modules_through_the_triton_backend():
+    torch.manual_seed(0)
+    x = rand(2, 40, 32)
+    pairs = [
+        (stfast.CausalSelfAttention(32, 4, num_kv_heads=2, backend="torch"),
+         stfast.CausalSelfAttention(32, 4, num_kv_heads=2, backend="triton")),
+        (stfast.BlockSparseSelfAttention(32, 4, stfast.layouts.local(40, window=9, block=16), backend="torch"),
+         stfast.BlockSparseSelfAttention(32, 4, stfast.layouts.local(40, window=9, block=16), backend="triton")),
+    ]
+    for ref, tri in pairs:
+        ref, tri = ref.to(DEVICE), tri.to(DEVICE)
+        tri.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(tri(x), ref(x), **TOL)
+    ref = stfast.MultiheadAttention(32, 4, batch_first=True, backend="torch").to(DEVICE)
+    tri = stfast.MultiheadAttention(32, 4, batch_first=True, backend="triton").to(DEVICE)
+    tri.load_state_dict(ref.state_dict())
+    padding = torch.zeros(2, 40, dtype=torch.bool, device=DEVICE)
+    padding[1, 30:] = True
+    kw = dict(key_padding_mask=padding, attn_mask=rand(40, 40), need_weights=False)
+    torch.testing.assert_close(tri(x, x, x, **kw)[0], ref(x, x, x, **kw)[0], **TOL)
