@@ -70,6 +70,21 @@ def _partial_keep(PM, pidx, btype, rows, cols, LB: tl.constexpr):
 
 
 @triton.jit
+def _query_block_row(head, start_m, Mq, LB: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row of the kv tables for the layout block holding query tile ``start_m``, and
+    the tile's rows inside that block."""
+    i = start_m // LB
+    return head.to(tl.int64) * Mq + i, start_m - i * LB + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def _kv_entry(KVI, BT, PI, row, t, Mk):
+    """The t-th active key block of a table row: (block index, type, partial mask)."""
+    j = tl.load(KVI + row * Mk + t)
+    return j, tl.load(BT + row * Mk + j), tl.load(PI + row * Mk + j)
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, m_base, skl, svl, smq, smk, start_n,
               offs_m, offs_d, offs_dv, Lq, Lk, D, DV, qk_scale, causal_off, keep,
               BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, CAUSAL: tl.constexpr,
@@ -137,14 +152,9 @@ def _fwd_kernel(Q, K, V, O, LSE, MASK, PM, KVC, KVI, BT, PI,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if LB > 0:
-        head = b0 * hs0 + b1 * hs1 + b2 * hs2
-        i = start_m // LB
-        rows_in_block = start_m - i * LB + tl.arange(0, BLOCK_M)
-        row = head.to(tl.int64) * Mq + i
+        row, rows_in_block = _query_block_row(b0 * hs0 + b1 * hs1 + b2 * hs2, start_m, Mq, LB, BLOCK_M)
         for t in range(0, tl.load(KVC + row)):
-            j = tl.load(KVI + row * Mk + t)
-            btype = tl.load(BT + row * Mk + j)
-            pidx = tl.load(PI + row * Mk + j)
+            j, btype, pidx = _kv_entry(KVI, BT, PI, row, t, Mk)
             for sub in range(0, tl.minimum(LB, Lk - j * LB), BLOCK_N):
                 keep = _partial_keep(PM, pidx, btype, rows_in_block, sub + tl.arange(0, BLOCK_N), LB)
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, m_base, skl, svl, smq,
@@ -352,14 +362,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, PM, KVC, KVI, BT, PI,
     m_base = MASK + _batch_offset(b0, b1, b2, sm0, sm1, sm2)
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     if LB > 0:
-        head = b0 * hs0 + b1 * hs1 + b2 * hs2
-        i = start_m // LB
-        rows_in_block = start_m - i * LB + tl.arange(0, BLOCK_M)
-        row = head.to(tl.int64) * Mq + i
+        row, rows_in_block = _query_block_row(b0 * hs0 + b1 * hs1 + b2 * hs2, start_m, Mq, LB, BLOCK_M)
         for t in range(0, tl.load(KVC + row)):
-            j = tl.load(KVI + row * Mk + t)
-            btype = tl.load(BT + row * Mk + j)
-            pidx = tl.load(PI + row * Mk + j)
+            j, btype, pidx = _kv_entry(KVI, BT, PI, row, t, Mk)
             for sub in range(0, tl.minimum(LB, Lk - j * LB), BLOCK_N):
                 keep = _partial_keep(PM, pidx, btype, rows_in_block, sub + tl.arange(0, BLOCK_N), LB)
                 dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, m_base, skl, svl, smq, smk,
