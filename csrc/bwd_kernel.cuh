@@ -191,27 +191,13 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ At
   load_tile<T, BM, DP>(sQ, static_cast<const T*>(p.q) + b.offset(p.q_s) + q0 * p.q_s[3], p.q_s[3], p.Lq - q0, p.D);
   load_tile<T, BM, DP>(sDO, static_cast<const T*>(p.dout) + b.offset(p.do_s) + q0 * p.do_s[3], p.do_s[3],
                        p.Lq - q0, p.D);
-  if (sched.count > 0) {
-    const int k0 = sched.tile(0).start;
-    load_tile<T, BN, DP>(sK, k + k0 * p.k_s[3], p.k_s[3], p.Lk - k0, p.D);
-    load_tile<T, BN, DP>(sV, v + k0 * p.v_s[3], p.v_s[3], p.Lk - k0, p.D);
-  }
+  if (sched.count > 0) load_kv_tile<T, BN, DP>(sK, sV, k, v, p, sched.tile(0).start);
   cp_async_commit();
 
   float acc_dq[DT][4] = {};
   for (int it = 0; it < sched.count; ++it) {
-    const int buf = it & 1;
     const Tile tile = sched.tile(it);
-    if (it + 1 < sched.count) {
-      const int k1 = sched.tile(it + 1).start;
-      load_tile<T, BN, DP>(sK + (buf ^ 1) * BN * DP, k + k1 * p.k_s[3], p.k_s[3], p.Lk - k1, p.D);
-      load_tile<T, BN, DP>(sV + (buf ^ 1) * BN * DP, v + k1 * p.v_s[3], p.v_s[3], p.Lk - k1, p.D);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    const int buf = await_kv_tile<T, BN, DP>(sK, sV, k, v, p, sched, it);
     const T* tK = sK + buf * BN * DP;
     const T* tV = sV + buf * BN * DP;
 

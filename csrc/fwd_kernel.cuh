@@ -13,6 +13,33 @@ namespace stfast {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// Copies the K and V tiles that start at key row `start` into shared memory (async).
+template <typename T, int BN, int DP>
+__device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const T* k, const T* v, const AttnParams& p,
+                                             int start) {
+  load_tile<T, BN, DP>(sK, k + start * p.k_s[3], p.k_s[3], p.Lk - start, p.D);
+  load_tile<T, BN, DP>(sV, v + start * p.v_s[3], p.v_s[3], p.Lk - start, p.D);
+}
+
+// Step `it` of a double-buffered walk over a key schedule: issues the copy of tile
+// it + 1 into the other buffer, waits for tile `it`, and returns its buffer (0 or 1).
+// The copy of tile 0 is issued and committed before the walk starts.
+template <typename T, int BN, int DP, class Schedule>
+__device__ __forceinline__ int await_kv_tile(T* sK, T* sV, const T* k, const T* v, const AttnParams& p,
+                                             const Schedule& sched, int it) {
+  const int buf = it & 1;
+  if (it + 1 < sched.count) {
+    load_kv_tile<T, BN, DP>(sK + (buf ^ 1) * BN * DP, sV + (buf ^ 1) * BN * DP, k, v, p,
+                            sched.tile(it + 1).start);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+  return buf;
+}
+
 template <int DTYPE, int DP>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ AttnParams p) {
   using T = typename Elem<DTYPE>::T;
@@ -38,26 +65,12 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ A
   float row_sum[2] = {0.f, 0.f};
 
   load_tile<T, BM, DP>(sQ, q, p.q_s[3], p.Lq - q0, p.D);
-  if (sched.count > 0) {
-    const int k0 = sched.tile(0).start;
-    load_tile<T, BN, DP>(sK, k + k0 * p.k_s[3], p.k_s[3], p.Lk - k0, p.D);
-    load_tile<T, BN, DP>(sV, v + k0 * p.v_s[3], p.v_s[3], p.Lk - k0, p.D);
-  }
+  if (sched.count > 0) load_kv_tile<T, BN, DP>(sK, sV, k, v, p, sched.tile(0).start);
   cp_async_commit();
 
   for (int it = 0; it < sched.count; ++it) {
-    const int buf = it & 1;
     const Tile tile = sched.tile(it);
-    if (it + 1 < sched.count) {
-      const int k1 = sched.tile(it + 1).start;
-      load_tile<T, BN, DP>(sK + (buf ^ 1) * BN * DP, k + k1 * p.k_s[3], p.k_s[3], p.Lk - k1, p.D);
-      load_tile<T, BN, DP>(sV + (buf ^ 1) * BN * DP, v + k1 * p.v_s[3], p.v_s[3], p.Lk - k1, p.D);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    const int buf = await_kv_tile<T, BN, DP>(sK, sV, k, v, p, sched, it);
     const T* tK = sK + buf * BN * DP;
     const T* tV = sV + buf * BN * DP;
 
