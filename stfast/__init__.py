@@ -5,7 +5,7 @@ from .functional import (attention, block_sparse_attention, scaled_dot_product_a
                          spatiotemporal_attention)
 from .layouts import BlockLayout
 from .modules import (BlockSparseSelfAttention, CausalSelfAttention, MultiheadAttention,
-                      SpatioTemporalAttention)
+                      SpatioTemporalAttention, SpatioTemporalCrossAttention)
 
 __version__ = "0.1.0"
 
@@ -18,5 +18,5 @@ del _name
 __all__ = [
     "attention", "block_sparse_attention", "scaled_dot_product_attention",
     "spatiotemporal_attention", "BlockLayout", "BlockSparseSelfAttention", "CausalSelfAttention",
-    "MultiheadAttention", "SpatioTemporalAttention", "backends", "distributed", "layouts", "__version__",
+    "MultiheadAttention", "SpatioTemporalAttention", "SpatioTemporalCrossAttention", "backends", "distributed", "layouts", "__version__",
 ]

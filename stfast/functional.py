@@ -209,14 +209,19 @@ def spatiotemporal_attention(q, k, v, *, axis, causal=False, scale=None, attn_ma
     """Factorized attention over ``[B, T, N, H, D]`` tensors, without permutes or copies.
 
     Args:
+        q: ``[B, Tq, Nq, H, D]``; k: ``[B, Tk, Nk, H, D]``; v: ``[B, Tk, Nk, H, Dv]``.
+            Only the attended axis may differ between q and k/v (cross-attention:
+            ``Tq != Tk`` for ``axis="time"``, e.g. GMAN's transform attention from 12
+            history steps to 6 prediction steps; ``Nq != Nk`` for ``axis="space"``).
         axis: ``"space"``: each (b, t, h) attends over its N tokens; ``"time"``: each
             (b, n, h) attends over its T steps.
-        causal: causal along the attended axis (``True``/``False``).
-        attn_mask: bool (True = attend) or additive float, broadcastable to ``[L, L]``
+        causal: causal along the attended axis (``True``/``False``), top-left aligned:
+            query ``i`` sees keys ``j <= i``.
+        attn_mask: bool (True = attend) or additive float, broadcastable to ``[Lq, Lk]``
             of the attended axis (e.g. a graph adjacency ``[N, N]`` for space).
         layout: a :class:`stfast.BlockLayout` over the attended axis (1 or H heads).
 
-    Returns ``out [B, T, N, H, Dv]`` (a fresh tensor).
+    Returns ``out [B, Tq, Nq, H, Dv]`` (a fresh tensor).
     """
     if axis not in ("space", "time"):
         raise ValueError(f"axis must be 'space' or 'time', got {axis!r}")
@@ -224,17 +229,28 @@ def spatiotemporal_attention(q, k, v, *, axis, causal=False, scale=None, attn_ma
     _check_tensor("k", k, 5, "[B, T, N, H, D]")
     _check_tensor("v", v, 5, "[B, T, N, H, D]")
     _check_same(q, k, v)
-    if k.shape[:4] != q.shape[:4] or v.shape[:4] != q.shape[:4]:
-        raise ValueError(f"k and v must match q's [B, T, N, H] = {list(q.shape[:4])}, got "
-                         f"{list(k.shape[:4])} and {list(v.shape[:4])}")
-    if causal not in (False, True):
-        raise ValueError(f"causal must be True or False, got {causal!r}")
+    # Every index but the attended one is a batch index that q, k and v share.
+    attended = 2 if axis == "space" else 1
+    batch_q = [s for i, s in enumerate(q.shape[:4]) if i != attended]
+    dims = "[B, N, H]" if axis == "time" else "[B, T, H]"
+    for name, t in (("k", k), ("v", v)):
+        got = [s for i, s in enumerate(t.shape[:4]) if i != attended]
+        if got != batch_q:
+            raise ValueError(f"{name} must match q's {dims} = {batch_q} for axis={axis!r} "
+                             f"(only the attended {'N' if axis == 'space' else 'T'} may differ), "
+                             f"got {got} (shape {list(t.shape)})")
+    if v.shape[attended] != k.shape[attended]:
+        raise ValueError(f"v must have k's length {k.shape[attended]} along the attended axis, "
+                         f"got {v.shape[attended]}")
+    if not isinstance(causal, bool):
+        raise (ValueError if isinstance(causal, str) else TypeError)(
+            f"causal must be True or False, got {causal!r} of type {type(causal).__name__}")
     scale = _check_scale(scale, q.shape[-1])
-    length = q.shape[2] if axis == "space" else q.shape[1]
-    mask = _check_mask(attn_mask, (length, length), q.device)
+    lq, lk = q.shape[attended], k.shape[attended]
+    mask = _check_mask(attn_mask, (lq, lk), q.device)
     if layout is not None:
-        _check_layout(layout, length, length, q.shape[3])
-    if q.numel() == 0 or v.shape[-1] == 0:
+        _check_layout(layout, lq, lk, q.shape[3])
+    if q.numel() == 0 or lk == 0 or v.shape[-1] == 0:
         out_shape = (*q.shape[:4], v.shape[-1])
         return _empty_result(q, k, v, out_shape, out_shape[:4], False)
     head_strides = (0, 0, 1) if layout is not None and layout.num_heads > 1 else (0, 0, 0)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional, layouts
+from . import backends, functional, layouts
 from .layouts import BlockLayout
 
 MODES = ("space", "time", "joint", "divided", "heads", "gated")
@@ -20,11 +20,28 @@ def _check_heads(dim: int, num_heads: int) -> int:
     return dim // num_heads
 
 
-def _check_input(x, ndim: int, dim: int, what: str) -> None:
+def _check_input(x, ndim: int, dim: int, what: str, *, name: str = "x", weight=None) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim or x.shape[-1] != dim:
-        raise ValueError(f"x must have shape {what} with C={dim}, got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape {what} with C={dim}, got {tuple(x.shape)}")
+    if weight is not None and x.dtype != weight.dtype:
+        raise TypeError(f"{name} must have the module's parameter dtype {weight.dtype}, got "
+                        f"{x.dtype} (convert the module with .to({x.dtype}) or the input with "
+                        f".to({weight.dtype}))")
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} of type {type(value).__name__}")
+    return value
+
+
+def _check_backend(backend) -> str:
+    names = ("auto",) + backends.BACKEND_NAMES
+    if backend not in names:
+        raise ValueError(f"backend must be one of {names}, got {backend!r}")
+    return backend
 
 
 class _AxisAttention(nn.Module):
@@ -146,6 +163,56 @@ class SpatioTemporalAttention(nn.Module):
             layout = self._joint_layouts[(t, n)]
         out = functional.attention(q, k, v, layout=layout, backend=self.backend)
         return self.attn.proj(out.transpose(1, 2).reshape(x.shape))
+
+
+class SpatioTemporalCrossAttention(nn.Module):
+    """Cross-attention along one axis of ``[B, T, N, C]`` tokens: queries from one
+    sequence, keys and values from another that differs only along that axis.
+
+    ``axis="time"``: query ``[B, Tq, N, C]`` attends, per node, over key/value
+    ``[B, Tk, N, C]`` (GMAN's transform attention: ``query`` embeds the prediction
+    steps, ``key`` the history steps, ``value`` the encoder output).
+    ``axis="space"``: query ``[B, T, Nq, C]`` attends, per step, over ``[B, T, Nk, C]``.
+    ``causal`` is top-left aligned along the axis (query ``i`` sees keys ``j <= i``);
+    ``attn_mask`` (forward) is bool/additive, broadcastable to ``[Lq, Lk]`` of the axis.
+
+    Separate q, k and v projections (``q_proj``, ``k_proj``, ``v_proj``), as the inputs
+    differ, then ``proj``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, axis: str = "time", causal: bool = False,
+                 qkv_bias: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        if axis not in ("space", "time"):
+            raise ValueError(f"axis must be 'space' or 'time', got {axis!r}")
+        _check_flag("causal", causal)
+        self.dim, self.num_heads, self.axis, self.causal = dim, num_heads, axis, causal
+        self.backend = _check_backend(backend)
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, axis={self.axis!r}, "
+                f"causal={self.causal}, backend={self.backend!r}")
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``value`` defaults to ``key``.  Returns ``[B, Tq, Nq, C]``."""
+        value = key if value is None else value
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            _check_input(t, 4, self.dim, "[B, T, N, C]", name=name, weight=self.q_proj.weight)
+        if value.shape != key.shape:
+            raise ValueError(f"value must have key's shape {tuple(key.shape)}, got {tuple(value.shape)}")
+        h, d = self.num_heads, self.head_dim
+        q = self.q_proj(query).unflatten(-1, (h, d))
+        k = self.k_proj(key).unflatten(-1, (h, d))
+        v = self.v_proj(value).unflatten(-1, (h, d))
+        out = functional.spatiotemporal_attention(q, k, v, axis=self.axis, causal=self.causal,
+                                                  attn_mask=attn_mask, backend=self.backend)
+        return self.proj(out.flatten(-2))
 
 
 class CausalSelfAttention(nn.Module):

@@ -39,7 +39,7 @@ CASES = [
     ("sdpa dropout", lambda: stfast.scaled_dot_product_attention(Q, K, V, dropout_p=1.5), ValueError, "dropout_p must be a float in [0, 1], got 1.5"),
     ("axis", lambda: stfast.spatiotemporal_attention(X, X, X, axis="depth"), ValueError, "axis must be 'space' or 'time', got 'depth'"),
     ("st rank", lambda: stfast.spatiotemporal_attention(Q, K, V, axis="space"), ValueError, "q must be 5-D [B, T, N, H, D], got shape (2, 4, 16, 8)"),
-    ("st shapes", lambda: stfast.spatiotemporal_attention(X, X[:, :2], X[:, :2], axis="time"), ValueError, "k and v must match q's [B, T, N, H] = [2, 3, 5, 2], got [2, 2, 5, 2] and [2, 2, 5, 2]"),
+    ("st shapes", lambda: stfast.spatiotemporal_attention(X, X[:, :, :2], X[:, :, :2], axis="time"), ValueError, "k must match q's [B, N, H] = [2, 5, 2] for axis='time' (only the attended T may differ), got [2, 2, 2]"),
     ("st causal", lambda: stfast.spatiotemporal_attention(X, X, X, axis="time", causal="bottom_right"), ValueError, "causal must be True or False, got 'bottom_right'"),
     ("st mask shape", lambda: stfast.spatiotemporal_attention(X, X, X, axis="space", attn_mask=torch.ones(3, 3, dtype=torch.bool)), ValueError, "attn_mask must be broadcastable to [5, 5], got shape [3, 3]"),
     ("module dim", lambda: stfast.SpatioTemporalAttention(30, 4), ValueError, "num_heads must be a positive divisor of dim=30, got 4"),
