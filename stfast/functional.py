@@ -25,16 +25,24 @@ def _check_tensor(name: str, t, ndim: int, what: str) -> None:
         raise ValueError(f"{name} must be {ndim}-D {what}, got shape {tuple(t.shape)}")
 
 
-def _check_same(q, k, v) -> None:
-    for name, t in (("k", k), ("v", v)):
+def _check_same(q, k, v, names=("q", "k", "v")) -> None:
+    nq, nk, nv = names
+    for name, t in ((nk, k), (nv, v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+            raise TypeError(f"{name} must have {nq}'s dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+            raise ValueError(f"{name} must be on {nq}'s device {q.device}, got {t.device}")
     if q.shape[-1] < 1:
-        raise ValueError(f"head dim must be >= 1, got q.shape[-1]={q.shape[-1]}")
+        raise ValueError(f"head dim must be >= 1, got {nq}.shape[-1]={q.shape[-1]}")
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k's head dim must equal q's ({q.shape[-1]}), got {k.shape[-1]}")
+        raise ValueError(f"{nk}'s head dim must equal {nq}'s ({q.shape[-1]}), got {k.shape[-1]}")
+
+
+def _check_flag(name: str, value) -> bool:
+    # PyTorch's own functions take only real bools here; a truthy 'yes' or 1 is a bug.
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} of type {type(value).__name__}")
+    return value
 
 
 def _check_scale(scale, head_dim: int) -> float:
@@ -46,10 +54,12 @@ def _check_scale(scale, head_dim: int) -> float:
 
 
 def _check_causal(causal):
-    try:
+    # Only real bools and the two names: 1 or 1.0 would hash like True and slip through.
+    if causal is None or isinstance(causal, bool) or (isinstance(causal, str) and causal in _CAUSAL):
         return _CAUSAL[causal]
-    except (KeyError, TypeError):
-        raise ValueError(f"causal must be False, True, 'top_left' or 'bottom_right', got {causal!r}") from None
+    raise (ValueError if isinstance(causal, str) else TypeError)(
+        f"causal must be False, True, 'top_left' or 'bottom_right', got {causal!r}"
+        f"{'' if isinstance(causal, str) else f' of type {type(causal).__name__}'}")
 
 
 def _check_mask(attn_mask, shape: tuple[int, ...], device, name: str = "attn_mask"):
@@ -145,6 +155,7 @@ def attention(q, k, v, *, causal=False, scale=None, layout=None, return_lse=Fals
         raise ValueError(f"q's head count ({hq}) must be a multiple of k/v's head count, got {hkv}")
     causal = _check_causal(causal)
     scale = _check_scale(scale, d)
+    _check_flag("return_lse", return_lse)
     if layout is not None:
         _check_layout(layout, lq, lk, hq)
     if q.numel() == 0 or lk == 0 or v.shape[-1] == 0:
@@ -168,14 +179,23 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """Drop-in for :func:`torch.nn.functional.scaled_dot_product_attention`.
 
     Same arguments and results, except that a query row whose mask hides every key
-    outputs zeros instead of NaN.  Dropout and tensors of other than 4 dims run on
-    PyTorch's own SDPA.
+    outputs zeros instead of NaN.  Batch and head dims broadcast as in PyTorch (size 1
+    against any size, k/v with one head against q's heads: multi-query), as stride-0
+    views.  ``attn_mask`` may be a ``torch.nn.attention.bias.CausalBias``
+    (``causal_upper_left`` / ``causal_lower_right``): it runs as ``causal="top_left"`` /
+    ``"bottom_right"``, never as a dense mask.  Dropout and tensors of other than 4
+    dims run on PyTorch's own SDPA.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1], got {dropout_p!r} of type "
+                        f"{type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    _check_flag("is_causal", is_causal)
+    _check_flag("enable_gqa", enable_gqa)
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask must be None when is_causal=True (as in PyTorch's SDPA)")
     if dropout_p > 0.0 or query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
@@ -185,23 +205,72 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     _check_tensor("query", query, 4, "[B, H, L, D]")
     _check_tensor("key", key, 4, "[B, H, L, D]")
     _check_tensor("value", value, 4, "[B, H, L, D]")
-    if not enable_gqa and key.shape[1] != query.shape[1]:
-        raise ValueError(f"key must have query's {query.shape[1]} heads unless enable_gqa=True, "
-                         f"got {key.shape[1]}")
+    query, key, value = _broadcast_sdpa(query, key, value, enable_gqa)
+    _check_same(query, key, value, names=("query", "key", "value"))
     b, hq, lq, _ = query.shape
-    mask = _check_mask(attn_mask, (b, hq, lq, key.shape[2]), query.device)
-    if mask is None:
-        return attention(query, key, value, causal=bool(is_causal), scale=scale, backend=backend)
-    _check_same(query, key, value)
     hkv, lk = key.shape[1], key.shape[2]
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"query's head count ({hq}) must be a multiple of key's, got {hkv}")
+    if value.shape[2] != lk:
+        raise ValueError(f"value must have key's length {lk}, got {value.shape[2]}")
+    causal = _causal_bias(attn_mask, lq, lk)
+    if causal is not None:
+        return attention(query, key, value, causal=causal, scale=scale, backend=backend)
+    mask = _check_mask(attn_mask, (b, hq, lq, lk), query.device)
+    if mask is None:
+        return attention(query, key, value, causal=is_causal, scale=scale, backend=backend)
     scale = _check_scale(scale, query.shape[-1])
     if query.numel() == 0 or lk == 0:
         return _empty_result(query, key, value, (b, hq, lq, value.shape[-1]), (b, hq, lq), False)
     out, _ = _dispatch("dense", query, key, value, scale=scale, causal=None, mask=mask, layout=None,
                        head_strides=(0, 0, 0), return_lse=False, backend=backend)
     return out
+
+
+def _broadcast_sdpa(query, key, value, enable_gqa: bool):
+    """Batch and head dims broadcast as PyTorch's SDPA does, as stride-0 views.
+
+    k/v heads broadcast against each other; then k/v with one head (or, with
+    ``enable_gqa``, a divisor of q's heads) stay as they are and run as GQA/MQA (never
+    repeated), and q with one head is expanded to k/v's heads.
+    """
+    sizes = {"query": query.shape[0], "key": key.shape[0], "value": value.shape[0]}
+    batch = max(sizes.values())
+    if any(s not in (1, batch) for s in sizes.values()):
+        raise ValueError(f"query, key and value batch sizes must be equal or 1 (broadcast as in "
+                         f"F.scaled_dot_product_attention), got " +
+                         ", ".join(f"{n} {s}" for n, s in sizes.items()))
+    hq, hk, hv = query.shape[1], key.shape[1], value.shape[1]
+    if hk != hv and 1 not in (hk, hv):
+        raise ValueError(f"key and value must have the same number of heads (or 1, broadcast), "
+                         f"got key {hk} and value {hv}")
+    hkv = max(hk, hv)
+    if hq != hkv and hkv != 1:
+        if hq == 1:
+            hq = hkv
+        elif not enable_gqa:
+            raise ValueError(f"key must have query's {hq} heads (or 1, broadcast) unless "
+                             f"enable_gqa=True, got {hkv}")
+        elif hq % hkv:
+            raise ValueError(f"query's head count ({hq}) must be a multiple of key's with "
+                             f"enable_gqa=True, got {hkv}")
+    return (query.expand(batch, hq, -1, -1), key.expand(batch, hkv, -1, -1),
+            value.expand(batch, hkv, -1, -1))
+
+
+def _causal_bias(attn_mask, lq: int, lk: int):
+    """The causal mode of a ``torch.nn.attention.bias.CausalBias`` mask, else None."""
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (lq, lk):
+        raise ValueError(f"attn_mask (a CausalBias) must be built for seq_len_q={lq}, "
+                         f"seq_len_kv={lk}, got seq_len_q={attn_mask.seq_len_q}, "
+                         f"seq_len_kv={attn_mask.seq_len_kv}")
+    if attn_mask.variant == CausalVariant.UPPER_LEFT:
+        return "top_left"
+    if attn_mask.variant == CausalVariant.LOWER_RIGHT:
+        return "bottom_right"
+    raise ValueError(f"attn_mask is a CausalBias of unknown variant {attn_mask.variant!r}")
 
 
 def spatiotemporal_attention(q, k, v, *, axis, causal=False, scale=None, attn_mask=None,

@@ -35,7 +35,7 @@ CASES = [
     ("sdpa mask shape", lambda: stfast.scaled_dot_product_attention(Q, K, V, attn_mask=torch.ones(3, 16, dtype=torch.bool)), ValueError, "attn_mask must be broadcastable to [2, 4, 16, 16], got shape [3, 16]"),
     ("sdpa mask dtype", lambda: stfast.scaled_dot_product_attention(Q, K, V, attn_mask=torch.ones(16, 16, dtype=torch.int64)), TypeError, "attn_mask must be bool or floating point, got torch.int64"),
     ("sdpa mask and causal", lambda: stfast.scaled_dot_product_attention(Q, K, V, attn_mask=torch.ones(16, 16, dtype=torch.bool), is_causal=True), ValueError, "attn_mask must be None when is_causal=True"),
-    ("sdpa gqa off", lambda: stfast.scaled_dot_product_attention(Q, K[:, :2], V[:, :2]), ValueError, "key must have query's 4 heads unless enable_gqa=True, got 2"),
+    ("sdpa gqa off", lambda: stfast.scaled_dot_product_attention(Q, K[:, :2], V[:, :2]), ValueError, "key must have query's 4 heads (or 1, broadcast) unless enable_gqa=True, got 2"),
     ("sdpa dropout", lambda: stfast.scaled_dot_product_attention(Q, K, V, dropout_p=1.5), ValueError, "dropout_p must be a float in [0, 1], got 1.5"),
     ("axis", lambda: stfast.spatiotemporal_attention(X, X, X, axis="depth"), ValueError, "axis must be 'space' or 'time', got 'depth'"),
     ("st rank", lambda: stfast.spatiotemporal_attention(Q, K, V, axis="space"), ValueError, "q must be 5-D [B, T, N, H, D], got shape (2, 4, 16, 8)"),
