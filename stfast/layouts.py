@@ -26,37 +26,63 @@ class BlockLayout:
         seq_len_q, seq_len_k: sequence lengths (``seq_len_k`` defaults to ``seq_len_q``).
         partial_masks: ``[P, block, block]`` bool element masks of the partial blocks.
         partial_index: ``[H|1, Mq, Mk]`` int row into ``partial_masks`` (-1 elsewhere).
+
+    A layout is immutable: it keeps its own copies of the tensors, and
+    ``block_type``, ``partial_index`` and ``partial_masks`` return fresh copies, so
+    editing one never changes the layout (its cached device tables could not follow).
+    To change a pattern, build a new ``BlockLayout`` from the edited copies.
     """
 
     def __init__(self, block_type: torch.Tensor, *, block: int, seq_len_q: int,
                  seq_len_k: int | None = None, partial_masks: torch.Tensor | None = None,
                  partial_index: torch.Tensor | None = None):
-        if not isinstance(block, int) or block < 1:
+        if isinstance(block, bool) or not isinstance(block, int):
+            raise TypeError(f"block must be a positive int, got {block!r} of type {type(block).__name__}")
+        if block < 1:
             raise ValueError(f"block must be a positive int, got {block!r}")
         seq_len_k = seq_len_q if seq_len_k is None else seq_len_k
-        if seq_len_q < 1 or seq_len_k < 1:
-            raise ValueError(f"seq_len_q and seq_len_k must be >= 1, got {seq_len_q} and {seq_len_k}")
-        block_type = torch.as_tensor(block_type).cpu()
+        _check_int("seq_len_q", seq_len_q, 1)
+        _check_int("seq_len_k", seq_len_k, 1)
+        block_type = _as_tensor("block_type", block_type)
+        if block_type.dtype.is_complex:
+            raise TypeError(f"block_type must be an integer or bool tensor, got {block_type.dtype}")
         if block_type.dim() == 2:
             block_type = block_type.unsqueeze(0)
         mq, mk = math.ceil(seq_len_q / block), math.ceil(seq_len_k / block)
-        if block_type.dim() != 3 or tuple(block_type.shape[1:]) != (mq, mk):
+        if block_type.dim() != 3 or tuple(block_type.shape[1:]) != (mq, mk) or block_type.shape[0] < 1:
             raise ValueError(
                 f"block_type must have shape [H|1, {mq}, {mk}] for seq_len_q={seq_len_q}, "
                 f"seq_len_k={seq_len_k}, block={block}; got {tuple(block_type.shape)}")
+        # Check the values before the int8 cast: 257 would wrap to 1 and 1.9 truncate to 1.
+        bad = (block_type != block_type.round()) | (block_type < SKIP) | (block_type > PARTIAL) \
+            if block_type.dtype != torch.bool else torch.zeros((), dtype=torch.bool)
+        if bad.any():
+            where = [int(i) for i in bad.nonzero()[0]]
+            raise ValueError(f"block_type values must be 0 (skip), 1 (full) or 2 (partial), got "
+                             f"{block_type[tuple(where)].item()!r} at {where}")
         block_type = block_type.to(torch.int8)
-        if ((block_type < SKIP) | (block_type > PARTIAL)).any():
-            raise ValueError("block_type values must be 0 (skip), 1 (full) or 2 (partial)")
         if partial_masks is None:
+            if partial_index is not None:
+                raise ValueError("partial_masks is required when partial_index is given")
             partial_masks = torch.zeros(0, block, block, dtype=torch.bool)
             partial_index = torch.full(block_type.shape, -1, dtype=torch.int32)
         if partial_index is None:
             raise ValueError("partial_index is required when partial_masks is given")
-        partial_masks = torch.as_tensor(partial_masks).cpu().to(torch.bool)
-        partial_index = torch.as_tensor(partial_index).cpu().to(torch.int32).expand(block_type.shape)
+        partial_masks = _as_tensor("partial_masks", partial_masks)
+        if partial_masks.dtype != torch.bool:
+            raise TypeError(f"partial_masks must be a bool tensor (True = attend), got {partial_masks.dtype}")
         if partial_masks.dim() != 3 or tuple(partial_masks.shape[1:]) != (block, block):
             raise ValueError(f"partial_masks must have shape [P, {block}, {block}], "
                              f"got {tuple(partial_masks.shape)}")
+        partial_index = _as_tensor("partial_index", partial_index)
+        if partial_index.dtype.is_floating_point or partial_index.dtype.is_complex \
+                or partial_index.dtype == torch.bool:
+            raise TypeError(f"partial_index must be an integer tensor, got {partial_index.dtype}")
+        try:
+            partial_index = partial_index.expand(block_type.shape)
+        except RuntimeError:
+            raise ValueError(f"partial_index must be broadcastable to block_type's shape "
+                             f"{list(block_type.shape)}, got {list(partial_index.shape)}") from None
         is_partial = block_type == PARTIAL
         bad = is_partial & ((partial_index < 0) | (partial_index >= partial_masks.shape[0]))
         if bad.any():
@@ -64,51 +90,68 @@ class BlockLayout:
         self.block = block
         self.seq_len_q = seq_len_q
         self.seq_len_k = seq_len_k
-        self.block_type = block_type.contiguous()
-        self.partial_index = torch.where(is_partial, partial_index, -1).contiguous()
-        self.partial_masks = partial_masks.contiguous()
-        active = self.block_type > 0
+        # Own copies, never the caller's memory: the lowered tables cached below must
+        # stay true to them.
+        self._block_type = block_type.clone().contiguous()
+        self._partial_index = torch.where(is_partial, partial_index, -1).to(torch.int32).contiguous()
+        self._partial_masks = partial_masks.clone().contiguous()
+        active = self._block_type > 0
         self.row_counts = tuple(active.sum(-1).amax(0).tolist())
         self._lowered: dict = {}
 
     @property
+    def block_type(self) -> torch.Tensor:
+        """``[H|1, Mq, Mk]`` int8: 0 skipped, 1 full, 2 partial (a copy)."""
+        return self._block_type.clone()
+
+    @property
+    def partial_index(self) -> torch.Tensor:
+        """``[H|1, Mq, Mk]`` int32 row into :attr:`partial_masks`, -1 elsewhere (a copy)."""
+        return self._partial_index.clone()
+
+    @property
+    def partial_masks(self) -> torch.Tensor:
+        """``[P, block, block]`` bool element masks of the partial blocks (a copy)."""
+        return self._partial_masks.clone()
+
+    @property
     def num_heads(self) -> int:
         """1 when the pattern is shared by all heads."""
-        return self.block_type.shape[0]
+        return self._block_type.shape[0]
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.block_type.shape)
+        return tuple(self._block_type.shape)
 
     @property
     def density(self) -> float:
         """Fraction of the blocks that are computed (the work a kernel does)."""
-        return float((self.block_type > 0).float().mean())
+        return float((self._block_type > 0).float().mean())
 
     def visible_pairs(self) -> int:
         """Exact number of (query, key) pairs visible, summed over layout heads."""
         b = self.block
-        mq, mk = self.block_type.shape[1:]
+        mq, mk = self._block_type.shape[1:]
         rows = torch.full((mq,), b)
         rows[-1] = self.seq_len_q - b * (mq - 1)
         cols = torch.full((mk,), b)
         cols[-1] = self.seq_len_k - b * (mk - 1)
-        full = ((self.block_type == FULL).long() * rows[:, None] * cols[None, :]).sum()
-        hi, qi, ki = torch.nonzero(self.block_type == PARTIAL, as_tuple=True)
+        full = ((self._block_type == FULL).long() * rows[:, None] * cols[None, :]).sum()
+        hi, qi, ki = torch.nonzero(self._block_type == PARTIAL, as_tuple=True)
         # 2-D prefix sums per distinct mask: a block's count is one lookup, so the cost is
         # O(partial blocks + distinct masks * block^2), not O(partial blocks * block^2).
-        counts = F.pad(self.partial_masks.long().cumsum(1).cumsum(2), (1, 0, 1, 0))
-        idx = self.partial_index[hi, qi, ki].long()
+        counts = F.pad(self._partial_masks.long().cumsum(1).cumsum(2), (1, 0, 1, 0))
+        idx = self._partial_index[hi, qi, ki].long()
         return int(full + counts[idx, rows[qi], cols[ki]].sum())
 
     def to_dense_mask(self) -> torch.Tensor:
         """The element mask ``[H|1, seq_len_q, seq_len_k]`` (bool).  O(L^2): for tests
         and pictures, never used on a kernel path."""
-        h, mq, mk = self.block_type.shape
+        h, mq, mk = self._block_type.shape
         b = self.block
-        full = (self.block_type == FULL)[:, :, None, :, None].expand(h, mq, b, mk, b)
-        pm = torch.cat([self.partial_masks, torch.zeros(1, b, b, dtype=torch.bool)])
-        part = pm[self.partial_index.long()]  # index -1 picks the appended all-False mask
+        full = (self._block_type == FULL)[:, :, None, :, None].expand(h, mq, b, mk, b)
+        pm = torch.cat([self._partial_masks, torch.zeros(1, b, b, dtype=torch.bool)])
+        part = pm[self._partial_index.long()]  # index -1 picks the appended all-False mask
         part = part.permute(0, 1, 3, 2, 4)
         dense = (full | part).reshape(h, mq * b, mk * b)
         return dense[:, :self.seq_len_q, :self.seq_len_k].contiguous()
@@ -120,8 +163,8 @@ class BlockLayout:
         key = (str(device), tuple(head_strides))
         if key not in self._lowered:
             self._lowered[key] = LoweredLayout.build(
-                self.block, self.block_type.to(device), self.partial_index.to(device),
-                self.partial_masks.to(device), tuple(head_strides), self.row_counts)
+                self.block, self._block_type.to(device), self._partial_index.to(device),
+                self._partial_masks.to(device), tuple(head_strides), self.row_counts)
         return self._lowered[key]
 
     def picture(self, path=None, head: int = 0, max_size: int = 64) -> str:
@@ -138,7 +181,7 @@ class BlockLayout:
             raise ValueError(f"head must be in [0, {self.num_heads - 1}] for a layout with "
                              f"{self.num_heads} head(s), got {head}")
         _check_int("max_size", max_size, 1)
-        grid = self.block_type[head]
+        grid = self._block_type[head]
         mq, mk = grid.shape
         f = math.ceil(max(mq, mk) / max_size)
         rq, rk = math.ceil(mq / f), math.ceil(mk / f)
@@ -165,7 +208,7 @@ class BlockLayout:
         except ImportError as exc:
             raise ImportError("BlockLayout.picture(path=...) needs matplotlib to write a PNG; "
                               "install it with `pip install matplotlib` (or stfast[plot])") from exc
-        grid = self.block_type[head].numpy()
+        grid = self._block_type[head].numpy()
         fig = Figure(figsize=(6, 6 * grid.shape[0] / max(grid.shape[1], 1) + 0.5))
         ax = fig.subplots()
         # Figure, not pyplot: no global state, no display backend needed.
@@ -190,9 +233,9 @@ class BlockLayout:
 
         device = torch.device("cpu") if device is None else torch.device(device)
         b = self.block
-        bt = self.block_type.to(device)
-        pidx = self.partial_index.to(device)
-        masks = self.partial_masks.to(device)
+        bt = self._block_type.to(device)
+        pidx = self._partial_index.to(device)
+        masks = self._partial_masks.to(device)
         if masks.shape[0] == 0:
             masks = torch.zeros(1, b, b, dtype=torch.bool, device=device)
         shared = self.num_heads == 1
@@ -218,7 +261,7 @@ class BlockLayout:
     def __repr__(self) -> str:
         return (f"BlockLayout(heads={self.num_heads}, seq_len_q={self.seq_len_q}, "
                 f"seq_len_k={self.seq_len_k}, block={self.block}, density={self.density:.3f}, "
-                f"partial_blocks={int((self.block_type == PARTIAL).sum())})")
+                f"partial_blocks={int((self._block_type == PARTIAL).sum())})")
 
 
 def from_mask(mask: torch.Tensor, block: int = 64) -> BlockLayout:
@@ -273,6 +316,13 @@ def _check_int(name: str, value, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
     return value
+
+
+def _as_tensor(name: str, value) -> torch.Tensor:
+    try:
+        return torch.as_tensor(value).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}") from None
 
 
 def _check_triple(name: str, value, minimum: int) -> tuple[int, int, int]:

@@ -428,3 +428,23 @@ def test_attention_with_per_head_flex_layout_end_to_end():
 def test_block_layout_rejects_bad_block_type():
     with pytest.raises(ValueError, match=r"block_type must have shape \[H\|1, 7, 7\]"):
         BlockLayout(torch.ones(6, 7, dtype=torch.int8), block=16, seq_len_q=97)
+
+
+def test_layout_is_immutable_so_cached_tables_cannot_go_stale():
+    # int8 input: the old constructor kept the caller's own tensor.
+    given = torch.tensor([[1, 0], [1, 1]], dtype=torch.int8)
+    layout = BlockLayout(given, block=8, seq_len_q=16)
+    before = layout.to_dense_mask()
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    stfast.attention(q, k, v, layout=layout, backend="torch")  # lowers and caches the tables
+    layout.block_type[0, 0, 1] = FULL  # a skipped block edited into a full one...
+    given[0, 1] = FULL  # ...and the constructor's input edited too
+    assert torch.equal(layout.to_dense_mask(), before) and layout.density == 0.75
+    out = stfast.attention(q, k, v, layout=layout, backend="torch")
+    p = lower("dense", q.double(), k.double(), v.double(), scale=8 ** -0.5,
+              mask=before.expand(1, 2, 16, 16))
+    torch.testing.assert_close(out.double(), oracle(p)[0].flatten(1, 2), rtol=1e-5, atol=1e-5)
+    # The way to change a pattern: a new layout from the edited copy.
+    edited = layout.block_type
+    edited[0, 0, 1] = FULL
+    assert BlockLayout(edited, block=8, seq_len_q=16).density == 1.0
