@@ -25,10 +25,29 @@ def _check_input(x, ndim: int, dim: int, what: str, *, name: str = "x", weight=N
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim or x.shape[-1] != dim:
         raise ValueError(f"{name} must have shape {what} with C={dim}, got {tuple(x.shape)}")
-    if weight is not None and x.dtype != weight.dtype:
+    if weight is not None and x.dtype != weight.dtype and not _autocast(x):
         raise TypeError(f"{name} must have the module's parameter dtype {weight.dtype}, got "
                         f"{x.dtype} (convert the module with .to({x.dtype}) or the input with "
                         f".to({weight.dtype}))")
+
+
+def _autocast(x: torch.Tensor) -> bool:
+    # Under autocast nn.Linear takes any float input: mixed dtypes are expected there.
+    return torch.is_autocast_enabled(x.device.type)
+
+
+def _check_spatial_mask(mask, x: torch.Tensor) -> None:
+    """A spatial mask must broadcast to ``[N, N]``; one that fits ``[T, T]`` instead
+    usually means x is ``[B, N, T, C]``."""
+    _, t, n, _ = x.shape
+    try:
+        functional._check_mask(mask, (n, n), x.device, name="spatial_mask")
+    except ValueError as exc:
+        if t != n and isinstance(mask, torch.Tensor) and mask.dim() <= 2 and \
+                all(s in (1, t) for s in mask.shape):
+            raise ValueError(f"{exc}: it fits [T, T] = [{t}, {t}] instead; is x laid out "
+                             f"[B, N, T, C] = {list(x.shape)} instead of [B, T, N, C]?") from None
+        raise
 
 
 def _check_flag(name: str, value) -> bool:
@@ -107,7 +126,7 @@ class SpatioTemporalAttention(nn.Module):
         self.dim, self.num_heads, self.mode = dim, num_heads, mode
         self.causal_time = bool(causal_time)
         self.spatial_layout = spatial_layout
-        self.backend = backend
+        self.backend = _check_backend(backend)
         if mode in ("divided", "gated"):
             self.temporal = _AxisAttention(dim, num_heads, qkv_bias)
             self.spatial = _AxisAttention(dim, num_heads, qkv_bias)
@@ -123,9 +142,12 @@ class SpatioTemporalAttention(nn.Module):
                 f"causal_time={self.causal_time}, backend={self.backend!r}")
 
     def forward(self, x: torch.Tensor, spatial_mask: torch.Tensor | None = None) -> torch.Tensor:
-        _check_input(x, 4, self.dim, "[B, T, N, C]")
+        first = self.temporal if self.mode in ("divided", "gated") else self.attn
+        _check_input(x, 4, self.dim, "[B, T, N, C]", weight=first.qkv.weight)
         if spatial_mask is not None and self.mode in ("time", "joint"):
             raise ValueError(f"spatial_mask is not supported with mode={self.mode!r}")
+        if spatial_mask is not None:
+            _check_spatial_mask(spatial_mask, x)
         space = dict(attn_mask=spatial_mask, layout=self.spatial_layout, backend=self.backend)
         time = dict(causal=self.causal_time, backend=self.backend)
         if self.mode == "space":
@@ -226,12 +248,13 @@ class CausalSelfAttention(nn.Module):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if not isinstance(num_kv_heads, int) or num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads must divide num_heads={num_heads}, got {num_kv_heads!r}")
-        self.dim, self.num_heads, self.num_kv_heads, self.backend = dim, num_heads, num_kv_heads, backend
+        self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
+        self.backend = _check_backend(backend)
         self.qkv = nn.Linear(dim, dim + 2 * num_kv_heads * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, 3, self.dim, "[B, L, C]")
+        _check_input(x, 3, self.dim, "[B, L, C]", weight=self.qkv.weight)
         b, length, _ = x.shape
         qkv = self.qkv(x).view(b, length, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.transpose(1, 2).split([self.num_heads, self.num_kv_heads, self.num_kv_heads], 1)
@@ -251,12 +274,16 @@ class BlockSparseSelfAttention(nn.Module):
             raise TypeError(f"layout must be a stfast.BlockLayout, got {type(layout).__name__}")
         if layout.num_heads not in (1, num_heads):
             raise ValueError(f"layout must have 1 or {num_heads} heads, got {layout.num_heads}")
-        self.dim, self.num_heads, self.layout, self.backend = dim, num_heads, layout, backend
+        if layout.seq_len_k != layout.seq_len_q:
+            raise ValueError(f"layout must be square for self-attention (seq_len_k == seq_len_q), "
+                             f"got seq_len_q={layout.seq_len_q}, seq_len_k={layout.seq_len_k}")
+        self.dim, self.num_heads, self.layout = dim, num_heads, layout
+        self.backend = _check_backend(backend)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, 3, self.dim, "[B, L, C]")
+        _check_input(x, 3, self.dim, "[B, L, C]", weight=self.qkv.weight)
         b, length, _ = x.shape
         if length != self.layout.seq_len_q:
             raise ValueError(f"x must have L={self.layout.seq_len_q} tokens (the layout's "
@@ -278,10 +305,12 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        self.backend = backend
+        self.backend = _check_backend(backend)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        self._check_args(query, key, value, key_padding_mask, need_weights, attn_mask,
+                         average_attn_weights, is_causal)
         if (need_weights or self.add_zero_attn or (self.training and self.dropout > 0)
                 or query.dim() != 3):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
@@ -307,6 +336,55 @@ class MultiheadAttention(nn.MultiheadAttention):
         out = F.linear(out.permute(2, 0, 1, 3).reshape(lq, b, h * d), self.out_proj.weight,
                        self.out_proj.bias)
         return (out.transpose(0, 1) if self.batch_first else out), None
+
+    def _check_args(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                    average_attn_weights, is_causal):
+        """Bad input as ValueError/TypeError before any projection, where
+        nn.MultiheadAttention raises AssertionError, fails inside ``.view``/``F.linear``
+        or silently reinterprets a mask."""
+        for name, flag in (("need_weights", need_weights), ("average_attn_weights", average_attn_weights),
+                           ("is_causal", is_causal)):
+            _check_flag(name, flag)
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query must be 3-D (batched) or 2-D (unbatched), got shape {tuple(query.shape)}")
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() != query.dim():
+                raise ValueError(f"{name} must be {query.dim()}-D like query, got shape {tuple(t.shape)}")
+        weight = self.in_proj_weight if self._qkv_same_embed_dim else self.q_proj_weight
+        for name, t, dim in (("query", query, self.embed_dim), ("key", key, self.kdim),
+                             ("value", value, self.vdim)):
+            if t.shape[-1] != dim:
+                raise ValueError(f"{name} must have embedding dim {dim} (last dim), got shape "
+                                 f"{tuple(t.shape)}")
+            if t.dtype != weight.dtype and not _autocast(t):
+                raise TypeError(f"{name} must have the module's parameter dtype {weight.dtype}, got "
+                                f"{t.dtype} (convert the module with .to({t.dtype}) or the input)")
+        batched = query.dim() == 3
+        seq_dim, batch_dim = (1, 0) if self.batch_first and batched else (0, 1)
+        b = query.shape[batch_dim] if batched else None
+        lq, lk = query.shape[seq_dim], key.shape[seq_dim]
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(f"value must match key's leading dims {tuple(key.shape[:-1])}, got "
+                             f"{tuple(value.shape[:-1])}")
+        if batched and key.shape[batch_dim] != b:
+            raise ValueError(f"key and value must have query's batch size {b} (dim {batch_dim}), "
+                             f"got {key.shape[batch_dim]}")
+        if key_padding_mask is not None:
+            _check_mask_dtype("key_padding_mask", key_padding_mask)
+            want = (b, lk) if batched else (lk,)
+            if tuple(key_padding_mask.shape) != want:
+                raise ValueError(f"key_padding_mask must have shape {'(batch, source length)' if batched else '(source length,)'}"
+                                 f" = {want}, got {tuple(key_padding_mask.shape)}")
+        if attn_mask is not None:
+            _check_mask_dtype("attn_mask", attn_mask)
+            shapes = [(lq, lk)] + ([(b * self.num_heads, lq, lk)] if batched else [(self.num_heads, lq, lk)])
+            if tuple(attn_mask.shape) not in shapes:
+                raise ValueError(f"attn_mask must have shape (target length, source length) = {shapes[0]}"
+                                 f" or (batch * num_heads, target length, source length) = {shapes[1]}, "
+                                 f"got {tuple(attn_mask.shape)}")
 
     def _project(self, query, key, value):
         e = self.embed_dim
@@ -336,6 +414,15 @@ class MultiheadAttention(nn.MultiheadAttention):
             kpm = kpm.view(b, 1, 1, lk)
             mask = kpm if mask is None else mask + kpm
         return mask
+
+
+def _check_mask_dtype(name: str, mask) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    # An integer 0/1 mask would be added to the scores as if it were a float bias.
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"{name} must be bool (True = masked out) or floating point (added to the "
+                        f"scores), got {mask.dtype}")
 
 
 def _as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

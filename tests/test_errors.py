@@ -80,3 +80,67 @@ def test_device_mismatch_is_named():
 def test_strict_backend_lists_reasons():
     with pytest.raises(ValueError, match=r"backend='cuda' cannot run this problem: .+"):
         stfast.attention(Q.double(), K.double(), V.double(), backend="cuda")
+
+
+B_, L_, E_, H_ = 2, 7, 16, 4
+X_MHA = torch.randn(L_, B_, E_)
+BOOL = dict(dtype=torch.bool)
+
+# Each is refused by torch.nn.MultiheadAttention too (AssertionError/RuntimeError, or
+# accepted and silently reinterpreted where stfast used to); stfast says which argument.
+MHA_CASES = [
+    ("int attn_mask", dict(attn_mask=torch.ones(L_, L_, dtype=torch.int64)), TypeError, "attn_mask must be bool (True = masked out) or floating point (added to the scores), got torch.int64"),
+    ("int key_padding_mask", dict(key_padding_mask=torch.zeros(B_, L_, dtype=torch.int64)), TypeError, "key_padding_mask must be bool"),
+    ("transposed key_padding_mask", dict(key_padding_mask=torch.zeros(L_, B_, **BOOL)), ValueError, "key_padding_mask must have shape (batch, source length) = (2, 7), got (7, 2)"),
+    ("key_padding_mask batch", dict(key_padding_mask=torch.zeros(3, L_, **BOOL)), ValueError, "key_padding_mask must have shape (batch, source length) = (2, 7), got (3, 7)"),
+    ("1-D attn_mask", dict(attn_mask=torch.zeros(L_, **BOOL)), ValueError, "attn_mask must have shape (target length, source length) = (7, 7) or (batch * num_heads, target length, source length) = (8, 7, 7), got (7,)"),
+    ("3-D attn_mask", dict(attn_mask=torch.zeros(3, L_, L_, **BOOL)), ValueError, "got (3, 7, 7)"),
+    ("query embed dim", dict(query=torch.randn(L_, B_, 12)), ValueError, "query must have embedding dim 16 (last dim), got shape (7, 2, 12)"),
+    ("key batch", dict(key=torch.randn(L_, 3, E_), value=torch.randn(L_, 3, E_)), ValueError, "key and value must have query's batch size 2 (dim 1), got 3"),
+    ("input dtype", dict(query=X_MHA.double(), key=X_MHA.double(), value=X_MHA.double()), TypeError, "query must have the module's parameter dtype torch.float32, got torch.float64"),
+    ("need_weights truthy", dict(need_weights="yes"), TypeError, "need_weights must be a bool, got 'yes' of type str"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,exc,message", MHA_CASES, ids=[c[0] for c in MHA_CASES])
+def test_multihead_attention_bad_input_is_named(name, kwargs, exc, message):
+    torch.manual_seed(0)
+    args = {**dict(query=X_MHA, key=X_MHA, value=X_MHA, need_weights=False), **kwargs}
+    ours = stfast.MultiheadAttention(E_, H_).eval()
+    with pytest.raises(exc) as info:
+        ours(**args)
+    assert message in str(info.value)
+    if name not in ("need_weights truthy",):
+        theirs = torch.nn.MultiheadAttention(E_, H_).eval()
+        with pytest.raises(Exception):
+            theirs(**args)
+
+
+FLAG_CASES = [
+    ("return_lse truthy", lambda: stfast.attention(Q, K, V, return_lse="yes"), TypeError, "return_lse must be a bool, got 'yes' of type str"),
+    ("is_causal truthy", lambda: stfast.scaled_dot_product_attention(Q, K, V, is_causal="yes"), TypeError, "is_causal must be a bool, got 'yes' of type str"),
+    ("causal int", lambda: stfast.attention(Q, K, V, causal=1), TypeError, "causal must be False, True, 'top_left' or 'bottom_right', got 1 of type int"),
+    ("causal float", lambda: stfast.attention(Q, K, V, causal=1.0), TypeError, "causal must be False, True, 'top_left' or 'bottom_right', got 1.0 of type float"),
+    ("st causal int", lambda: stfast.spatiotemporal_attention(X, X, X, axis="time", causal=1), TypeError, "causal must be True or False, got 1 of type int"),
+    ("dropout bool", lambda: stfast.scaled_dot_product_attention(Q, K, V, dropout_p=True), TypeError, "dropout_p must be a float in [0, 1], got True of type bool"),
+    ("sdpa names key", lambda: stfast.scaled_dot_product_attention(Q, K.double(), V), TypeError, "key must have query's dtype torch.float32, got torch.float64"),
+    ("sdpa names key dim", lambda: stfast.scaled_dot_product_attention(Q, K[..., :4], V), ValueError, "key's head dim must equal query's (8), got 4"),
+    ("sdpa names value length", lambda: stfast.scaled_dot_product_attention(Q, K, V[:, :, :9]), ValueError, "value must have key's length 16, got 9"),
+    ("st module backend", lambda: stfast.SpatioTemporalAttention(16, 4, backend="tpu"), ValueError, "backend must be one of ('auto', 'torch', 'triton', 'cuda'), got 'tpu'"),
+    ("causal module backend", lambda: stfast.CausalSelfAttention(16, 4, backend="tpu"), ValueError, "backend must be one of ('auto', 'torch', 'triton', 'cuda'), got 'tpu'"),
+    ("sparse module backend", lambda: stfast.BlockSparseSelfAttention(16, 4, LAYOUT, backend="tpu"), ValueError, "backend must be one of ('auto', 'torch', 'triton', 'cuda'), got 'tpu'"),
+    ("mha backend", lambda: stfast.MultiheadAttention(16, 4, backend="tpu"), ValueError, "backend must be one of ('auto', 'torch', 'triton', 'cuda'), got 'tpu'"),
+    ("cross module backend", lambda: stfast.SpatioTemporalCrossAttention(16, 4, backend="tpu"), ValueError, "backend must be one of ('auto', 'torch', 'triton', 'cuda'), got 'tpu'"),
+    ("sparse module non-square layout", lambda: stfast.BlockSparseSelfAttention(16, 4, stfast.layouts.from_mask(torch.ones(16, 24, dtype=torch.bool), block=8)), ValueError, "layout must be square for self-attention (seq_len_k == seq_len_q), got seq_len_q=16, seq_len_k=24"),
+    ("module dtype", lambda: stfast.SpatioTemporalAttention(16, 4)(torch.randn(2, 3, 5, 16, dtype=torch.float64)), TypeError, "x must have the module's parameter dtype torch.float32, got torch.float64"),
+    ("causal module dtype", lambda: stfast.CausalSelfAttention(16, 4)(torch.randn(2, 5, 16, dtype=torch.float64)), TypeError, "x must have the module's parameter dtype torch.float32, got torch.float64"),
+    ("spatial_mask named", lambda: stfast.SpatioTemporalAttention(16, 4)(torch.randn(2, 3, 5, 16), spatial_mask=torch.ones(4, 4, dtype=torch.bool)), ValueError, "spatial_mask must be broadcastable to [5, 5], got shape [4, 4]"),
+    ("spatial_mask fits T", lambda: stfast.SpatioTemporalAttention(16, 4)(torch.randn(2, 20, 8, 16), spatial_mask=torch.ones(20, 20, dtype=torch.bool)), ValueError, "spatial_mask must be broadcastable to [8, 8], got shape [20, 20]: it fits [T, T] = [20, 20] instead; is x laid out [B, N, T, C] = [2, 20, 8, 16] instead of [B, T, N, C]?"),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,message", FLAG_CASES, ids=[c[0] for c in FLAG_CASES])
+def test_flags_modules_and_names(name, call, exc, message):
+    with pytest.raises(exc) as info:
+        call()
+    assert message in str(info.value)

@@ -167,3 +167,26 @@ def test_modules_on_gpu_kernels_match_float64(mode, dtype):
         m.load_state_dict(ref.state_dict())
         errors[backend] = (m(x.to(dtype)).double() - want).abs().max().item()
     assert errors["auto"] <= 2 * errors["torch"] + 1e-3, errors
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_accepts_every_mask_shape_torch_accepts(batch_first):
+    # The stricter argument checks must still take each form nn.MultiheadAttention takes.
+    torch.manual_seed(0)
+    kw = dict(batch_first=batch_first, dtype=torch.float64)
+    ref = torch.nn.MultiheadAttention(C, H, **kw).eval()
+    ours = stfast.MultiheadAttention(C, H, **kw).eval()
+    ours.load_state_dict(ref.state_dict())
+    q, k = torch.randn(2, 9, C, dtype=torch.float64), torch.randn(2, 11, C, dtype=torch.float64)
+    if not batch_first:
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+    kpm = torch.zeros(2, 11, dtype=torch.bool)
+    kpm[1, :3] = True
+    for args in (dict(attn_mask=torch.rand(2 * H, 9, 11) > 0.5, key_padding_mask=kpm),
+                 dict(attn_mask=torch.randn(2 * H, 9, 11, dtype=torch.float64)),
+                 dict(key_padding_mask=kpm.double().masked_fill(kpm, float("-inf")))):
+        args["attn_mask"] = args.get("attn_mask")
+        if args["attn_mask"] is not None and args["attn_mask"].dtype == torch.bool:
+            args["attn_mask"][:, :, 0] = False  # every query keeps a key: torch gives NaN otherwise
+        torch.testing.assert_close(ours(q, k, k, need_weights=False, **args)[0],
+                                   ref(q, k, k, need_weights=False, **args)[0])
