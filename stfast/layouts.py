@@ -579,32 +579,108 @@ def _tile_grid(grid, tile):
     return tuple(g // t for g, t in zip(grid, tile)), tile
 
 
-def sliding_tile_3d(grid, tile, window, causal_time: bool = False) -> BlockLayout:
-    """Sliding-tile attention over a video grid ``(T, Hs, Ws)`` (STA-style), all blocks full.
+def sliding_tile_3d(grid, tile, window, causal_time: bool = False, *, border: str = "shift",
+                    num_global: int = 0, global_position: str = "suffix") -> BlockLayout:
+    """Sliding-tile attention over a video grid ``(T, Hs, Ws)``, as Sliding Tile
+    Attention (STA, FastVideo) and NATTEN define it.
 
-    Tokens must be in *tile order* (see :func:`sliding_tile_3d_order`), and a block is
-    one tile: ``block = t * h * w`` and ``seq_len = T * Hs * Ws``.  A query tile with
-    tile coordinates ``(a, b, c)`` attends the key tiles ``(a', b', c')`` with
-    ``|a - a'| <= wt // 2``, ``|b - b'| <= wh // 2`` and ``|c - c'| <= ww // 2``
-    (``window = (wt, wh, ww)`` in tiles, each odd: the window is centred on the query
-    tile and clipped at the grid border); ``causal_time=True`` also requires ``a' <= a``.
+    Video tokens must be in *tile order* (see :func:`sliding_tile_3d_order`); a block
+    is one tile, ``block = t * h * w``.  ``window = (wt, wh, ww)`` counts tiles, odd
+    or even.  Along each axis with ``M`` tiles, a window of ``k`` tiles reaches
+    ``left = k // 2`` tiles back and ``right = k - 1 - left`` forward from its centre
+    (STA's rule, which is also NATTEN's window start ``i - k // 2``), and query tile
+    ``a`` sees key tiles ``a'`` with ``c - left <= a' <= c + right``, where:
+
+    * ``border="shift"`` (default, STA and NATTEN): ``c = clamp(a, left, M - 1 - right)``:
+      every query tile sees a full ``k``-tile window, shifted inwards at the border
+      (all ``M`` tiles when ``k >= M``);
+    * ``border="clip"``: ``c = a``: the window is cut at the border, so border tiles
+      see fewer keys.
+
+    ``causal_time=True`` also requires ``a'_t <= a_t``.
+
+    ``num_global`` global tokens (STA's text tokens in MM-DiT video models) see every
+    token and are seen by every token; they come after the video tokens
+    (``global_position="suffix"``, as in STA and HunyuanVideo) or before them
+    (``"prefix"``, e.g. CogVideoX's text-first order).  ``seq_len = T * Hs * Ws +
+    num_global``; blocks straddling a global/video boundary are partial.
     """
     (nt, nh, nw), (t, h, w) = _tile_grid(grid, tile)
     window = _check_triple("window", window, 1)
-    for axis, v in enumerate(window):
-        if v % 2 == 0:
-            raise ValueError(f"window[{axis}] must be odd (a window centred on the query tile), "
-                             f"got window={window}")
     _check_bool("causal_time", causal_time)
+    if border not in ("shift", "clip"):
+        raise ValueError(f"border must be 'shift' (STA/NATTEN: the window centre is clamped) or "
+                         f"'clip' (the window is cut at the border), got {border!r}")
+    _check_int("num_global", num_global, 0)
+    if global_position not in ("prefix", "suffix"):
+        raise ValueError(f"global_position must be 'prefix' or 'suffix', got {global_position!r}")
     tiles = torch.arange(nt * nh * nw)
     coords = (tiles // (nh * nw), tiles // nw % nh, tiles % nw)
     active = torch.ones(tiles.numel(), tiles.numel(), dtype=torch.bool)
-    for c, win in zip(coords, window):
-        active &= (c[:, None] - c[None, :]).abs() <= win // 2
+    for c, k, m in zip(coords, window, (nt, nh, nw)):
+        left = k // 2
+        right = k - 1 - left
+        # clamp() with min > max gives max: a window wider than the grid sees it all.
+        centre = c.clamp(left, m - 1 - right) if border == "shift" else c
+        active &= (c[None, :] >= centre[:, None] - left) & (c[None, :] <= centre[:, None] + right)
     if causal_time:
         active &= coords[0][None, :] <= coords[0][:, None]
-    block_type = torch.where(active, FULL, SKIP).to(torch.int8)
-    return BlockLayout(block_type, block=t * h * w, seq_len_q=tiles.numel() * t * h * w)
+    block = t * h * w
+    video = tiles.numel() * block
+    if num_global == 0:
+        return BlockLayout(torch.where(active, FULL, SKIP).to(torch.int8), block=block, seq_len_q=video)
+    return _with_global_tokens(active, block, video, num_global,
+                               num_global if global_position == "prefix" else 0)
+
+
+def _with_global_tokens(active: torch.Tensor, block: int, video: int, num_global: int,
+                        offset: int) -> BlockLayout:
+    """A tile-level pattern ``active [tiles, tiles]`` over ``video`` tokens that start
+    at ``offset``, plus ``num_global`` tokens that see and are seen by all.
+
+    A block holds the tokens of at most two tiles (a block is one tile long), so its
+    type follows from the 2 x 2 tile pairs it touches; only the blocks where those
+    disagree, or that straddle the global/video boundary, are evaluated element-wise.
+    """
+    seq_len = video + num_global
+    m = math.ceil(seq_len / block)
+    start = torch.arange(m) * block
+    stop = (start + block).clamp(max=seq_len)
+    in_video_lo = start.clamp(offset, offset + video)
+    in_video_hi = stop.clamp(offset, offset + video)
+    has_video = in_video_hi > in_video_lo
+    has_global = (stop - start) > (in_video_hi - in_video_lo)
+    n_tiles = active.shape[0]
+    lo = ((in_video_lo - offset) // block).clamp(max=n_tiles - 1)
+    hi = ((in_video_hi - 1 - offset) // block).clamp(0, n_tiles - 1)
+    pairs = torch.stack([active[lo[:, None], lo[None, :]], active[lo[:, None], hi[None, :]],
+                         active[hi[:, None], lo[None, :]], active[hi[:, None], hi[None, :]]])
+    both_video = has_video[:, None] & has_video[None, :]
+    glob = has_global[:, None] | has_global[None, :]
+    all_global = ~has_video[:, None] | ~has_video[None, :]
+    any_ = glob | (both_video & pairs.any(0))
+    all_ = all_global | (~glob & pairs.all(0))
+    block_type = torch.where(all_, FULL, SKIP).to(torch.int8)[None]
+    undecided = (any_ & ~all_)[None]
+    _, qs, ks = undecided.nonzero(as_tuple=True)
+    # Equal keys, equal element masks: the 2 x 2 tile pattern and which side holds
+    # global tokens decide the mask, the token offset being the same for every block.
+    bits = (pairs[:, qs, ks].long() * torch.tensor([1, 2, 4, 8])[:, None]).sum(0)
+    keys = bits + 16 * has_global[qs].long() + 32 * has_global[ks].long() + 64 * qs * (has_global[qs]).long() \
+        + 64 * m * ks * (has_global[ks]).long()
+
+    def is_global(pos):
+        return (pos < offset) | (pos >= offset + video)
+
+    def tile_of(pos):
+        return ((pos - offset) // block).clamp(0, n_tiles - 1)
+
+    def visible(_, q_pos, k_pos):
+        tq, tk = tile_of(q_pos), tile_of(k_pos)
+        vis = active[tq[:, :, None], tk[:, None, :]]
+        return vis | is_global(q_pos)[:, :, None] | is_global(k_pos)[:, None, :]
+
+    return _resolve(block, seq_len, seq_len, block_type, undecided, keys, visible)
 
 
 def from_flex_block_mask(block_mask) -> BlockLayout:

@@ -148,8 +148,8 @@ def test_sliding_tile_3d_order_matches_loops():
     ((4, 6, 6), (2, 3, 3), (1, 3, 3), False), ((4, 6, 6), (2, 3, 3), (3, 1, 3), True),
     ((6, 4, 10), (2, 2, 5), (3, 3, 1), True), ((3, 4, 4), (1, 2, 2), (9, 1, 5), False),
     ((2, 3, 5), (1, 1, 1), (1, 3, 3), False)])
-def test_sliding_tile_3d(grid, tile, window, causal_time):
-    layout = layouts.sliding_tile_3d(grid, tile, window, causal_time=causal_time)
+def test_sliding_tile_3d_clipped(grid, tile, window, causal_time):
+    layout = layouts.sliding_tile_3d(grid, tile, window, causal_time=causal_time, border="clip")
     assert layout.block == tile[0] * tile[1] * tile[2]
     n = grid[0] * grid[1] * grid[2]
     assert layout.seq_len_q == n
@@ -166,6 +166,85 @@ def test_sliding_tile_3d(grid, tile, window, causal_time):
     perm = layouts.sliding_tile_3d_order(grid, tile)
     check_layout(layout, expected[perm][:, perm])
     assert layout.partial_masks.shape[0] == 0
+
+
+def sta_reference_mask(grid, tile, window, text_len):
+    """A transcription of FastVideo's published STA mask rule (flex_sta_ref.py,
+    ``generate_sta_mask_mod_3d``), evaluated element by element over tile-ordered video
+    tokens followed by ``text_len`` text tokens.  Per axis, with ``k`` window tiles and
+    ``M`` grid tiles: ``left = k // 2``, ``right = k // 2 + (k % 2 - 1)``, the centre
+    is the query tile clamped to ``[left, M - 1 - right]``, and key tiles in
+    ``[centre - left, centre + right]`` are seen.  Video queries also see the text;
+    text queries see everything."""
+    tiles = [g // t for g, t in zip(grid, tile)]
+    numel = tile[0] * tile[1] * tile[2]
+    video = grid[0] * grid[1] * grid[2]
+    n = video + text_len
+    idx = torch.arange(n)
+    tile_id = idx // numel
+    tc = (tile_id // (tiles[1] * tiles[2]), tile_id % (tiles[1] * tiles[2]) // tiles[2], tile_id % tiles[2])
+    q_in = idx[:, None] < video
+    k_in = idx[None, :] < video
+    seen = torch.ones(n, n, dtype=torch.bool)
+    for c, k, m in zip(tc, window, tiles):
+        left, right = k // 2, k // 2 + (k % 2 - 1)
+        centre = torch.clamp(c, left, (m - 1) - right)
+        seen &= (c[None, :] >= centre[:, None] - left) & (c[None, :] <= centre[:, None] + right)
+    return (q_in & k_in & seen) | (q_in & ~k_in) | ~q_in
+
+
+# (grid, tile, window, text tokens): published STA shapes use even windows (e.g. 3 x 6 x 10
+# tiles); windows wider than the grid see all of it; text tokens partial at block edges.
+STA_CASES = [((4, 6, 10), (1, 1, 1), (3, 6, 10), 0), ((6, 8, 8), (2, 2, 2), (2, 2, 4), 0),
+             ((6, 4, 6), (2, 2, 3), (3, 4, 1), 0), ((4, 6, 6), (2, 3, 3), (1, 3, 2), 5),
+             ((3, 4, 4), (1, 2, 2), (9, 1, 2), 7), ((2, 4, 8), (1, 2, 2), (2, 2, 3), 9),
+             ((2, 3, 5), (1, 1, 1), (1, 2, 4), 3)]
+
+
+@pytest.mark.parametrize("grid,tile,window,text", STA_CASES)
+def test_sliding_tile_3d_matches_sta_reference_mask(grid, tile, window, text):
+    layout = layouts.sliding_tile_3d(grid, tile, window, num_global=text)
+    assert layout.block == tile[0] * tile[1] * tile[2]
+    check_layout(layout, sta_reference_mask(grid, tile, window, text))
+    if text == 0:
+        assert layout.partial_masks.shape[0] == 0
+    # Away from the border, every query tile sees exactly a full window.
+    tiles_seen = (layout.block_type[0, :, :] == FULL).sum(1)
+    counts = [min(k, g // t) for k, g, t in zip(window, grid, tile)]
+    n_tiles = math.prod(g // t for g, t in zip(grid, tile))
+    assert bool((tiles_seen[:n_tiles] >= counts[0] * counts[1] * counts[2]).all())
+
+
+@pytest.mark.parametrize("grid,tile,window,text", STA_CASES[3:])
+def test_sliding_tile_3d_global_prefix(grid, tile, window, text):
+    layout = layouts.sliding_tile_3d(grid, tile, window, num_global=text, global_position="prefix")
+    want = sta_reference_mask(grid, tile, window, text)
+    # The same rule with the text tokens moved in front of the video.
+    video = want.shape[0] - text
+    order = torch.cat([torch.arange(video, video + text), torch.arange(video)])
+    check_layout(layout, want[order][:, order])
+
+
+def test_sliding_tile_3d_shift_differs_from_clip_only_at_the_border():
+    shift = layouts.sliding_tile_3d((8, 8, 8), (2, 2, 2), (3, 3, 3))
+    clip = layouts.sliding_tile_3d((8, 8, 8), (2, 2, 2), (3, 3, 3), border="clip")
+    per_row = (shift.block_type[0] > 0).sum(1)
+    assert bool((per_row == 27).all()), "every query tile sees a full 3 x 3 x 3 window"
+    assert int((clip.block_type[0] > 0).sum(1).min()) == 8  # a corner tile, clipped
+    assert bool(((clip.block_type > 0) <= (shift.block_type > 0)).all())
+    with pytest.raises(ValueError, match="border must be 'shift'"):
+        layouts.sliding_tile_3d((8, 8, 8), (2, 2, 2), (3, 3, 3), border="wrap")
+    with pytest.raises(ValueError, match="global_position must be 'prefix' or 'suffix'"):
+        layouts.sliding_tile_3d((8, 8, 8), (2, 2, 2), (3, 3, 3), num_global=2, global_position="middle")
+
+
+def test_sliding_tile_3d_with_text_runs_against_the_oracle():
+    layout = layouts.sliding_tile_3d((2, 4, 4), (1, 2, 2), (2, 2, 1), num_global=6)
+    q, k, v = (torch.randn(1, 2, layout.seq_len_q, 8) for _ in range(3))
+    out = stfast.attention(q, k, v, layout=layout, backend="torch")
+    p = lower("dense", q.double(), k.double(), v.double(), scale=8 ** -0.5,
+              mask=sta_reference_mask((2, 4, 4), (1, 2, 2), (2, 2, 1), 6).expand(1, 2, -1, -1))
+    torch.testing.assert_close(out.double(), oracle(p)[0].flatten(1, 2), rtol=1e-5, atol=1e-5)
 
 
 # --- large sizes: O(blocks) memory, exact counts ---------------------------------------
@@ -375,8 +454,10 @@ def test_picture_png_without_matplotlib(monkeypatch, tmp_path):
      r"tile\[1\] must be an int >= 1, got 0"),
     (lambda: layouts.sliding_tile_3d((4, 6, 7), (2, 3, 3), (1, 1, 1)), ValueError,
      r"grid\[2\] must be divisible by tile\[2\].*7 % 3 = 1"),
-    (lambda: layouts.sliding_tile_3d((4, 6, 6), (2, 3, 3), (1, 2, 1)), ValueError,
-     r"window\[1\] must be odd.*\(1, 2, 1\)"),
+    (lambda: layouts.sliding_tile_3d((4, 6, 6), (2, 3, 3), (1, 0, 1)), ValueError,
+     r"window\[1\] must be an int >= 1, got 0"),
+    (lambda: layouts.sliding_tile_3d((4, 6, 6), (2, 3, 3), (1, 1, 1), num_global=-1), ValueError,
+     r"num_global must be an int >= 0, got -1"),
     (lambda: layouts.sliding_tile_3d((4, 6, 6), (2, 3, 3), (1, 1, 1), causal_time=None), TypeError,
      r"causal_time must be a bool, got None"),
     (lambda: layouts.sliding_tile_3d_order((4, 6, 6), (4, 4, 3)), ValueError,
