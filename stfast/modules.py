@@ -301,14 +301,53 @@ class MultiheadAttention(nn.MultiheadAttention):
     dropout, ``add_zero_attn`` nor unbatched input is involved, the attention runs
     on stfast's kernels; otherwise it is PyTorch's own implementation.  One
     difference: a query that every mask hides gets zeros, not NaN.
+
+    ``torch.jit.script`` works, but a scripted module runs PyTorch's own
+    ``F.multi_head_attention_forward`` on the same parameters, never stfast's kernels:
+    their dispatch (backend choice, lowering, custom ops) is Python that TorchScript
+    cannot compile.  Use ``torch.compile`` to keep the kernels in a compiled model.
     """
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.backend = _check_backend(backend)
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if torch.jit.is_scripting():
+            # TorchScript cannot compile stfast's Python dispatch: a scripted module is
+            # PyTorch's own multi-head attention on the same parameters.
+            return self._scripted_forward(query, key, value, key_padding_mask, need_weights,
+                                          attn_mask, average_attn_weights, is_causal)
+        return self._stfast_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                    average_attn_weights, is_causal)
+
+    def _scripted_forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          key_padding_mask: torch.Tensor | None, need_weights: bool,
+                          attn_mask: torch.Tensor | None, average_attn_weights: bool,
+                          is_causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batched = query.dim() == 3
+        if self.batch_first and batched:
+            query, key, value = query.transpose(1, 0), key.transpose(1, 0), value.transpose(1, 0)
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight,
+            self.in_proj_bias, self.bias_k, self.bias_v, self.add_zero_attn, self.dropout,
+            self.out_proj.weight, self.out_proj.bias, training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            use_separate_proj_weight=not self._qkv_same_embed_dim, q_proj_weight=self.q_proj_weight,
+            k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if self.batch_first and batched:
+            out = out.transpose(1, 0)
+        return out, weights
+
+    @torch.jit.unused
+    def _stfast_forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        key_padding_mask: torch.Tensor | None, need_weights: bool,
+                        attn_mask: torch.Tensor | None, average_attn_weights: bool,
+                        is_causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_args(query, key, value, key_padding_mask, need_weights, attn_mask,
                          average_attn_weights, is_causal)
         if (need_weights or self.add_zero_attn or (self.training and self.dropout > 0)

@@ -190,3 +190,40 @@ def test_multihead_attention_accepts_every_mask_shape_torch_accepts(batch_first)
             args["attn_mask"][:, :, 0] = False  # every query keeps a key: torch gives NaN otherwise
         torch.testing.assert_close(ours(q, k, k, need_weights=False, **args)[0],
                                    ref(q, k, k, need_weights=False, **args)[0])
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("kvdim", [False, True])
+def test_multihead_attention_scripts_as_pytorchs_implementation(batch_first, kvdim):
+    # Documented: torch.jit.script works, and a scripted module is PyTorch's own
+    # multi-head attention on the same parameters (stfast's dispatch is not TorchScript).
+    torch.manual_seed(0)
+    kw = dict(batch_first=batch_first, dtype=torch.float64, add_bias_kv=not kvdim)
+    if kvdim:
+        kw.update(kdim=12, vdim=10)
+    ref = torch.nn.MultiheadAttention(C, H, **kw).eval()
+    ours = stfast.MultiheadAttention(C, H, **kw).eval()
+    ours.load_state_dict(ref.state_dict())
+    scripted = torch.jit.script(ours)
+    q = torch.randn(2, 9, C, dtype=torch.float64)
+    k = torch.randn(2, 11, kw.get("kdim", C), dtype=torch.float64)
+    v = torch.randn(2, 11, kw.get("vdim", C), dtype=torch.float64)
+    if not batch_first:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    mask = torch.randn(9, 11, dtype=torch.float64)
+    for need_weights in (True, False):
+        got = scripted(q, k, v, need_weights=need_weights, attn_mask=mask)
+        want = ref(q, k, v, need_weights=need_weights, attn_mask=mask)
+        torch.testing.assert_close(got[0], want[0])
+        assert (got[1] is None) == (want[1] is None)
+        if want[1] is not None:
+            torch.testing.assert_close(got[1], want[1])
+    # Which implementation ran: eager, a backend that cannot run here is refused by
+    # stfast's dispatch; scripted, there is no stfast dispatch to refuse it.
+    strict = stfast.MultiheadAttention(C, H, backend="cuda", **kw).eval()
+    strict.load_state_dict(ref.state_dict())
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend='cuda' cannot run this problem"):
+            strict(q, k, v, need_weights=False)
+    torch.testing.assert_close(torch.jit.script(strict)(q, k, v, need_weights=False)[0],
+                               ref(q, k, v, need_weights=False)[0])
