@@ -124,7 +124,7 @@ class SpatioTemporalAttention(nn.Module):
             raise ValueError("spatial_layout is not supported with mode='joint' (use "
                              "stfast.BlockSparseSelfAttention over the T*N tokens)")
         self.dim, self.num_heads, self.mode = dim, num_heads, mode
-        self.causal_time = bool(causal_time)
+        self.causal_time = _check_flag("causal_time", causal_time)
         self.spatial_layout = spatial_layout
         self.backend = _check_backend(backend)
         if mode in ("divided", "gated"):

@@ -2,11 +2,16 @@
 Nq != Nk for axis="space", causal top-left, on the torch backend and under the
 Triton interpreter, against the float64 oracle."""
 
+import os
+
 import pytest
 import torch
 
 import stfast
 from helpers import assert_close, reference, reference_grads
+
+# The Triton kernels run on the GPU, or on the CPU under TRITON_INTERPRET=1 (conftest).
+TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 # (axis, q shape [B, T, N, H, D], attended length of k/v): GMAN maps 12 history steps
 # to 6 prediction steps; the reverse and the spatial case exercise both Lq < Lk and Lq > Lk.
@@ -14,12 +19,12 @@ CASES = [("time", (2, 6, 5, 2, 8), 12), ("time", (1, 13, 3, 2, 16), 5),
          ("space", (2, 3, 7, 2, 8), 19), ("space", (1, 2, 21, 1, 16), 9)]
 
 
-def _inputs(axis, q_shape, lk, dv=None):
+def _inputs(axis, q_shape, lk, dv=None, device="cpu"):
     b, t, n, h, d = q_shape
     kv = (b, lk, n, h) if axis == "time" else (b, t, lk, h)
-    q = torch.randn(*q_shape, requires_grad=True)
-    k = torch.randn(*kv, d, requires_grad=True)
-    v = torch.randn(*kv, dv or d, requires_grad=True)
+    q = torch.randn(*q_shape, device=device, requires_grad=True)
+    k = torch.randn(*kv, d, device=device, requires_grad=True)
+    v = torch.randn(*kv, dv or d, device=device, requires_grad=True)
     return q, k, v
 
 
@@ -69,7 +74,7 @@ def test_cross_attention_along_an_axis_triton(axis, q_shape, lk, causal):
     backend = stfast.backends.get("triton")
     if backend.unavailable_reason():
         pytest.skip(f"triton backend unavailable: {backend.unavailable_reason()}")
-    q, k, v = _inputs(axis, q_shape, lk)
+    q, k, v = _inputs(axis, q_shape, lk, device=TRITON_DEVICE)
     _check(axis, q, k, v, "triton", dict(atol=1e-4, rtol=1e-4), causal=causal)
 
 

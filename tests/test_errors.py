@@ -132,6 +132,7 @@ FLAG_CASES = [
     ("mha backend", lambda: stfast.MultiheadAttention(16, 4, backend="tpu"), ValueError, "backend must be one of ('auto', 'torch', 'triton', 'cuda'), got 'tpu'"),
     ("cross module backend", lambda: stfast.SpatioTemporalCrossAttention(16, 4, backend="tpu"), ValueError, "backend must be one of ('auto', 'torch', 'triton', 'cuda'), got 'tpu'"),
     ("sparse module non-square layout", lambda: stfast.BlockSparseSelfAttention(16, 4, stfast.layouts.from_mask(torch.ones(16, 24, dtype=torch.bool), block=8)), ValueError, "layout must be square for self-attention (seq_len_k == seq_len_q), got seq_len_q=16, seq_len_k=24"),
+    ("module causal_time truthy", lambda: stfast.SpatioTemporalAttention(16, 4, causal_time=1), TypeError, "causal_time must be a bool, got 1 of type int"),
     ("module dtype", lambda: stfast.SpatioTemporalAttention(16, 4)(torch.randn(2, 3, 5, 16, dtype=torch.float64)), TypeError, "x must have the module's parameter dtype torch.float32, got torch.float64"),
     ("causal module dtype", lambda: stfast.CausalSelfAttention(16, 4)(torch.randn(2, 5, 16, dtype=torch.float64)), TypeError, "x must have the module's parameter dtype torch.float32, got torch.float64"),
     ("spatial_mask named", lambda: stfast.SpatioTemporalAttention(16, 4)(torch.randn(2, 3, 5, 16), spatial_mask=torch.ones(4, 4, dtype=torch.bool)), ValueError, "spatial_mask must be broadcastable to [5, 5], got shape [4, 4]"),

@@ -1,6 +1,8 @@
 """stfast.scaled_dot_product_attention against F.scaled_dot_product_attention: batch and
 head broadcasting (as stride-0 views) and CausalBias masks (as causal modes)."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,9 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import stfast
 from stfast import functional
+
+# The Triton kernels run on the GPU, or on the CPU under TRITON_INTERPRET=1 (conftest).
+TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 # (q [B, H], k [B, H], v [B, H], enable_gqa)
 BROADCASTS = [
@@ -21,9 +26,9 @@ BROADCASTS = [
 ]
 
 
-def _inputs(qs, ks, vs, lq=5, lk=7, d=8, dv=6, dtype=torch.float64):
+def _inputs(qs, ks, vs, lq=5, lk=7, d=8, dv=6, dtype=torch.float64, device="cpu"):
     def make(bh, length, dim):
-        return torch.randn(*bh, length, dim, dtype=dtype, requires_grad=True)
+        return torch.randn(*bh, length, dim, dtype=dtype, device=device, requires_grad=True)
     return make(qs, lq, d), make(ks, lk, d), make(vs, lk, dv)
 
 
@@ -61,7 +66,7 @@ def test_broadcasting_on_triton(qs, ks, vs, gqa):
     backend = stfast.backends.get("triton")
     if backend.unavailable_reason():
         pytest.skip(f"triton backend unavailable: {backend.unavailable_reason()}")
-    q, k, v = _inputs(qs, ks, vs, dtype=torch.float32)
+    q, k, v = _inputs(qs, ks, vs, dtype=torch.float32, device=TRITON_DEVICE)
     _compare(q, k, v, "triton", dict(atol=1e-4, rtol=1e-4), enable_gqa=gqa)
 
 
@@ -119,7 +124,7 @@ def test_causal_bias_on_triton():
     backend = stfast.backends.get("triton")
     if backend.unavailable_reason():
         pytest.skip(f"triton backend unavailable: {backend.unavailable_reason()}")
-    q, k, v = _inputs((1, 2), (1, 2), (1, 2), lq=6, lk=11, dtype=torch.float32)
+    q, k, v = _inputs((1, 2), (1, 2), (1, 2), lq=6, lk=11, dtype=torch.float32, device=TRITON_DEVICE)
     _compare(q, k, v, "triton", dict(atol=1e-4, rtol=1e-4), attn_mask=causal_lower_right(6, 11))
 
 
