@@ -244,13 +244,14 @@ def _broadcast_sdpa(query, key, value, enable_gqa: bool):
                          f"got key {hk} and value {hv}")
     hkv = max(hk, hv)
     if hq != hkv and hkv != 1:
-        if hq == 1:
+        if enable_gqa:
+            if hq % hkv:  # PyTorch does not broadcast q's heads under enable_gqa either
+                raise ValueError(f"query's head count ({hq}) must be a multiple of key's with "
+                                 f"enable_gqa=True, got {hkv}")
+        elif hq == 1:
             hq = hkv
-        elif not enable_gqa:
+        else:
             raise ValueError(f"key must have query's {hq} heads (or 1, broadcast) unless "
-                             f"enable_gqa=True, got {hkv}")
-        elif hq % hkv:
-            raise ValueError(f"query's head count ({hq}) must be a multiple of key's with "
                              f"enable_gqa=True, got {hkv}")
     return (query.expand(batch, hq, -1, -1), key.expand(batch, hkv, -1, -1),
             value.expand(batch, hkv, -1, -1))

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends, functional, layouts
+from .functional import _check_flag
 from .layouts import BlockLayout
 
 MODES = ("space", "time", "joint", "divided", "heads", "gated")
@@ -48,12 +49,6 @@ def _check_spatial_mask(mask, x: torch.Tensor) -> None:
             raise ValueError(f"{exc}: it fits [T, T] = [{t}, {t}] instead; is x laid out "
                              f"[B, N, T, C] = {list(x.shape)} instead of [B, T, N, C]?") from None
         raise
-
-
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r} of type {type(value).__name__}")
-    return value
 
 
 def _check_backend(backend) -> str:

@@ -100,6 +100,13 @@ def test_bad_broadcasts_are_named():
     q, k, v = _inputs((2, 4), (2, 3), (2, 3))
     with pytest.raises(ValueError, match=r"query's head count \(4\) must be a multiple of key's with enable_gqa=True, got 3"):
         stfast.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    # One query head broadcasts against k/v's heads, but not under enable_gqa (PyTorch
+    # raises there too).
+    q, k, v = _inputs((2, 1), (2, 4), (2, 4))
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    with pytest.raises(ValueError, match=r"query's head count \(1\) must be a multiple of key's with enable_gqa=True, got 4"):
+        stfast.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
 @pytest.mark.parametrize("lq,lk", [(5, 5), (5, 9), (1, 4)])
