@@ -663,11 +663,11 @@ def _with_global_tokens(active: torch.Tensor, block: int, video: int, num_global
     block_type = torch.where(all_, FULL, SKIP).to(torch.int8)[None]
     undecided = (any_ & ~all_)[None]
     _, qs, ks = undecided.nonzero(as_tuple=True)
-    # Equal keys, equal element masks: the 2 x 2 tile pattern and which side holds
-    # global tokens decide the mask, the token offset being the same for every block.
+    # Equal keys, equal element masks: every block splits at the same token offset
+    # (global tokens first in the one block that straddles the global/video boundary),
+    # so its 2 x 2 tile pattern and which side straddles decide its mask.
     bits = (pairs[:, qs, ks].long() * torch.tensor([1, 2, 4, 8])[:, None]).sum(0)
-    keys = bits + 16 * has_global[qs].long() + 32 * has_global[ks].long() + 64 * qs * (has_global[qs]).long() \
-        + 64 * m * ks * (has_global[ks]).long()
+    keys = bits + 16 * has_global[qs].long() + 32 * has_global[ks].long()
 
     def is_global(pos):
         return (pos < offset) | (pos >= offset + video)
