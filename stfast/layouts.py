@@ -588,7 +588,7 @@ def sliding_tile_3d(grid, tile, window, causal_time: bool = False, *, border: st
     is one tile, ``block = t * h * w``.  ``window = (wt, wh, ww)`` counts tiles, odd
     or even.  Along each axis with ``M`` tiles, a window of ``k`` tiles reaches
     ``left = k // 2`` tiles back and ``right = k - 1 - left`` forward from its centre
-    (STA's rule, which is also NATTEN's window start ``i - k // 2``), and query tile
+    (STA's rule; for odd ``k`` the window is NATTEN's neighbourhood), and query tile
     ``a`` sees key tiles ``a'`` with ``c - left <= a' <= c + right``, where:
 
     * ``border="shift"`` (default, STA and NATTEN): ``c = clamp(a, left, M - 1 - right)``:

@@ -225,6 +225,19 @@ def test_sliding_tile_3d_global_prefix(grid, tile, window, text):
     check_layout(layout, want[order][:, order])
 
 
+@pytest.mark.parametrize("length,kernel", [(13, 5), (7, 7), (9, 3), (6, 3)])
+def test_sliding_tile_3d_odd_windows_are_natten_neighbourhoods(length, kernel):
+    # NATTEN's window start (dilation 1), transcribed: max(i - n, 0), moved back by
+    # L - i - n - 1 where the window would pass the end; n = kernel // 2.
+    n = kernel // 2
+    i = torch.arange(length)
+    start = (i - n).clamp(min=0) + (i + n >= length).long() * (length - i - n - 1)
+    j = torch.arange(length)[None, :]
+    want = (j >= start[:, None]) & (j < start[:, None] + kernel)
+    layout = layouts.sliding_tile_3d((1, 1, length), (1, 1, 1), (1, 1, kernel))
+    check_layout(layout, want)
+
+
 def test_sliding_tile_3d_shift_differs_from_clip_only_at_the_border():
     shift = layouts.sliding_tile_3d((8, 8, 8), (2, 2, 2), (3, 3, 3))
     clip = layouts.sliding_tile_3d((8, 8, 8), (2, 2, 2), (3, 3, 3), border="clip")
