@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from . import autograd, backends
 from .layouts import BlockLayout
@@ -259,8 +260,6 @@ def _broadcast_sdpa(query, key, value, enable_gqa: bool):
 
 def _causal_bias(attn_mask, lq: int, lk: int):
     """The causal mode of a ``torch.nn.attention.bias.CausalBias`` mask, else None."""
-    from torch.nn.attention.bias import CausalBias, CausalVariant
-
     if not isinstance(attn_mask, CausalBias):
         return None
     if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (lq, lk):
