@@ -408,16 +408,16 @@ class MultiheadAttention(nn.MultiheadAttention):
                              f"got {key.shape[batch_dim]}")
         if key_padding_mask is not None:
             _check_mask_dtype("key_padding_mask", key_padding_mask)
-            want = (b, lk) if batched else (lk,)
+            want, what = ((b, lk), "(batch, source length)") if batched else ((lk,), "(source length,)")
             if tuple(key_padding_mask.shape) != want:
-                raise ValueError(f"key_padding_mask must have shape {'(batch, source length)' if batched else '(source length,)'}"
-                                 f" = {want}, got {tuple(key_padding_mask.shape)}")
+                raise ValueError(f"key_padding_mask must have shape {what} = {want}, "
+                                 f"got {tuple(key_padding_mask.shape)}")
         if attn_mask is not None:
             _check_mask_dtype("attn_mask", attn_mask)
-            shapes = [(lq, lk)] + ([(b * self.num_heads, lq, lk)] if batched else [(self.num_heads, lq, lk)])
-            if tuple(attn_mask.shape) not in shapes:
-                raise ValueError(f"attn_mask must have shape (target length, source length) = {shapes[0]}"
-                                 f" or (batch * num_heads, target length, source length) = {shapes[1]}, "
+            heads, what = (b * self.num_heads, "batch * num_heads") if batched else (self.num_heads, "num_heads")
+            if tuple(attn_mask.shape) not in ((lq, lk), (heads, lq, lk)):
+                raise ValueError(f"attn_mask must have shape (target length, source length) = {(lq, lk)} "
+                                 f"or ({what}, target length, source length) = {(heads, lq, lk)}, "
                                  f"got {tuple(attn_mask.shape)}")
 
     def _project(self, query, key, value):
