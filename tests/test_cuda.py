@@ -270,7 +270,7 @@ def check(kind, q, k, v, *, causal=False, scale=None, mask=None, layout=None, he
     for other in identical:
         again = _kernel(kind, q, k, v, dout, *args, backend=other)
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, again):
-            assert torch.equal(a, b), f"{name} differs bit-wise under {getattr(other, 'schedule', other)}"
+            assert torch.equal(a, b), f"{name} differs bit-wise under {other!r}"
     return got
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import shutil
 import subprocess
 from pathlib import Path
@@ -130,6 +131,9 @@ class SimtBackend(scuda.CudaBackend):
         super().__init__()
         self.emulator, self.schedule, self.seed = emulator, schedule, seed
 
+    def __repr__(self):
+        return f"SimtBackend(schedule={self.schedule!r}, seed={self.seed})"
+
     def library(self):
         return self.emulator.binding
 
@@ -167,3 +171,9 @@ class SimtBackend(scuda.CudaBackend):
             self.emulator.call(self.library().backward, g["q"], g["k"], g["v"], g["out"], g["dout"], g["lse"],
                                g["dq"], g["dk"], g["dv"], g["mask"], [g[f"layout.{i}"] for i in range(len(tables))],
                                block, head_strides, scuda._CAUSAL_CODES[p.causal], float(p.scale))
+
+
+@functools.lru_cache(maxsize=None)
+def get_emulator() -> Emulator:
+    """The emulated build of the checkout's csrc/, built (or taken from the cache) once."""
+    return Emulator()
