@@ -120,6 +120,24 @@ def unit_library(root: Path, name: str, runtime: Path) -> Path:
     return out
 
 
+def selftest_library() -> Path:
+    """selftest.cpp: the kernels that test the emulator itself, on the checkout's csrc/."""
+    with scuda._file_lock(cache_root() / "build.lock"):
+        runtime = runtime_library()
+        return _selftest(runtime)
+
+
+def _selftest(runtime: Path) -> Path:
+    source = HERE / "selftest.cpp"
+    key = _digest(source, *_headers(CSRC), *_headers(INCLUDE), UNIT_FLAGS, _compiler_id(), runtime.parent.name)
+    out = cache_root() / "units" / f"selftest-{key}.so"
+    if not out.is_file():
+        out.parent.mkdir(exist_ok=True)
+        _compile(["g++", *UNIT_FLAGS, f"-I{INCLUDE}", f"-I{CSRC}", str(source), f"-L{runtime.parent}", "-lsimt_rt",
+                  f"-Wl,-rpath,{runtime.parent}", "-o", str(out.with_suffix(".tmp"))], out)
+    return out
+
+
 def binding_module(root: Path, runtime: Path):
     """csrc/binding.cpp as a torch extension on CPU tensors, its launches forwarded to the
     registered units."""
@@ -129,13 +147,15 @@ def binding_module(root: Path, runtime: Path):
     key = _digest(root / "binding.cpp", root / "params.h", table, *_headers(INCLUDE), torch.__version__,
                   sys.version, _compiler_id(), runtime.parent.name)
     directory = cache_root() / f"binding-{key}"
-    directory.mkdir(exist_ok=True)
-    wrapper = directory / "binding_simt.cpp"
-    wrapper.write_text(f'#include "{root / "binding.cpp"}"\n')
+    # A copy, so that every csrc tree with this binding (mutated kernels) shares one build.
+    (directory / "src").mkdir(parents=True, exist_ok=True)
+    for name in ("binding.cpp", "params.h"):
+        if not (directory / "src" / name).is_file():
+            shutil.copyfile(root / name, directory / "src" / name)
     (directory / "lock").unlink(missing_ok=True)  # torch's baton; our flock excludes other builders
     return cpp_extension.load(
-        name=f"stfast_simt_{key}", sources=[str(wrapper), str(table)],
-        extra_include_paths=[str(INCLUDE), str(root)], extra_cflags=["-O1", "-DSTFAST_SIMT"],
+        name=f"stfast_simt_{key}", sources=[str(directory / "src" / "binding.cpp"), str(table)],
+        extra_include_paths=[str(INCLUDE), str(directory / "src")], extra_cflags=["-O1", "-DSTFAST_SIMT"],
         extra_ldflags=[f"-L{runtime.parent}", "-lsimt_rt", f"-Wl,-rpath,{runtime.parent}"],
         build_directory=str(directory), verbose=False)
 

@@ -89,7 +89,7 @@ void ensure_stacks(int n) {
 extern "C" void simt_fiber_main() {
   Fiber& f = *g_fiber;
   g_grid->body(g_grid->ctx);
-  check_exit_copies(f, nullptr);
+  check_exit_copies(f);
   const Warp& w = g_grid->warps[f.tid / 32];
   if (w.arrived > 0)
     fail("divergence", "thread exits while lanes of its warp wait at a warp-synchronous op", w.site);

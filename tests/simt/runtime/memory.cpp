@@ -164,7 +164,7 @@ void __attribute__((noinline)) cp_async(uint32_t dst, const void* src, int src_b
                      " wrote it since the last __syncthreads (write after write)",
          site);
   c.pending = static_cast<int16_t>(f.tid);
-  Copy copy{dst, src, src_bytes, false};
+  Copy copy{dst, src, src_bytes, false, site};
   if (g_config.schedule == kAtIssue || (g_config.schedule == kRandom && coin())) land(copy);
   f.uncommitted.push_back(copy);
 }
@@ -198,10 +198,12 @@ void land_copies(Fiber& f, bool all) {
     if (!c.landed && (all || coin())) land(c);
 }
 
-void check_exit_copies(Fiber& f, const void* site) {
-  size_t n = f.uncommitted.size();
-  for (const auto& g : f.groups) n += g.size();
-  if (n) fail("cp.async", "thread exits with " + in_flight(f) + " cp.async copies never waited for", site);
+void check_exit_copies(Fiber& f) {
+  const Copy* first = nullptr;
+  for (const auto& g : f.groups)
+    if (!first && !g.empty()) first = &g.front();
+  if (!first && !f.uncommitted.empty()) first = &f.uncommitted.front();
+  if (first) fail("cp.async", "thread exits with " + in_flight(f) + " cp.async copies never waited for", first->site);
 }
 
 uint32_t __attribute__((noinline)) smem_offset(const void* generic) {

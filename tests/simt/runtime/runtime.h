@@ -21,6 +21,7 @@ struct Copy {
   const void* src;
   int bytes;
   bool landed;
+  const void* site;  // of the cp.async, for reports
 };
 
 enum class State { kReady, kBarrier, kWarp, kExited };
@@ -108,7 +109,7 @@ void smem_end_launch();
 void smem_read(uint32_t offset, int tid, const char* what, const void* site);
 const unsigned char* smem_bytes_at(uint32_t offset);
 void land_copies(Fiber& f, bool all);  // kRandom lands some at each suspension
-void check_exit_copies(Fiber& f, const void* site);
+void check_exit_copies(Fiber& f);  // the kernels wait for every copy before exiting
 std::string describe_address(const void* addr);
 
 // warp.cpp
