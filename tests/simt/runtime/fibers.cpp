@@ -7,8 +7,6 @@
 #include <ucontext.h>
 
 #include <algorithm>
-#include <cstdio>
-#include <cstring>
 #include <numeric>
 
 #include "runtime.h"
@@ -261,9 +259,6 @@ void suspend(State state, const void* site) {
 void __attribute__((noinline)) syncthreads() { suspend(State::kBarrier, __builtin_return_address(0)); }
 
 cudaError_t run_grid(dim3 grid, dim3 block, int smem_bytes, KernelBody body, void* ctx, const void* kernel) {
-  if (g_grid) {
-    fail("launch", "a kernel launched from inside a kernel", nullptr);
-  }
   if (!check_launch(kernel, block, smem_bytes)) return cudaErrorInvalidConfiguration;
   const int n = static_cast<int>(block.x * block.y * block.z);
   Grid g;
