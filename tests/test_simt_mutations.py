@@ -30,7 +30,7 @@ UNITS = ["fwd_fp16_hd64", "bwd_fp16_hd64"]
 
 def _cases():
     """(description, thunk(backends)) in order of how much each exercises: 3 K/V tiles
-    with a causal offset, Lq = Lk + 1 with D < 64, Lk = Lq + 1, partial sparse blocks."""
+    with a causal offset, Lq = Lk + 1 with D < 64, Lk = Lq + 1, partial sparse blocks, GQA."""
     h = torch.float16
 
     def dense(lq, lk, d, causal):
@@ -44,8 +44,13 @@ def _cases():
         layout = layouts.from_mask(torch.rand(2, 200, 200) < 0.25, block=64)
         check("dense", q, k, v, layout=layout, head_strides=(0, 1, 0), **b)
 
+    def gqa(b):
+        q = torch.randn(1, 6, 65, 64, dtype=h)
+        k, v = torch.randn(1, 2, 64, 64, dtype=h), torch.randn(1, 2, 64, 64, dtype=h)
+        check("dense", q, k, v, **b)
+
     return [dense(97, 129, 64, "bottom_right"), dense(65, 64, 40, "top_left"), dense(64, 65, 64, "bottom_right"),
-            ("per-head sparse 200 d64", sparse)]
+            ("per-head sparse 200 d64", sparse), ("gqa 3 65x64 d64", gqa)]
 
 
 def _first_failure(root) -> str | None:

@@ -66,8 +66,11 @@ def test_rounding_matches_torch(selftest):
         torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e-8, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 2.0**-14,
                       float("inf"), -float("inf"), 3.3895e38, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-8]),
     ]).float()
-    halfway = (torch.arange(0, 2**16, 7, dtype=torch.int32) << 13 | 1 << 12).view(torch.float32)  # ties
-    x = torch.cat([x, halfway[torch.isfinite(halfway)]]).contiguous()
+    # Exact ties: halfway between neighbouring normal halves, subnormal halves, and bfloat16s.
+    normal = torch.arange(0x0400, 0x7BFF, 3, dtype=torch.int16).view(torch.float16).float()
+    ties = [(normal.view(torch.int32) + (1 << 12)).view(torch.float32), (torch.arange(1024) + 0.5) * 2.0**-24,
+            (torch.randint(0, 0x7F80, (5000,), dtype=torch.int32) << 16 | 1 << 15).view(torch.float32)]
+    x = torch.cat([x, *ties, *(-t for t in ties)]).float().contiguous()
     n = x.numel()
     h, b = torch.empty(n, dtype=torch.int16), torch.empty(n, dtype=torch.int16)
     lib.simt_selftest_round(_ptr(x), _ptr(h), _ptr(b), n)

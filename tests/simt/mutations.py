@@ -47,6 +47,11 @@ MUTATIONS = [
              (("const bool valid = r < rows_valid && c < cols_valid;", "const bool valid = r < rows_valid;"),)),
     Mutation("delta: warp reduction skips the 16-lane step", "bwd_kernel.cuh",
              (("for (int off = 16; off > 0; off /= 2)", "for (int off = 8; off > 0; off /= 2)"),)),
+    Mutation("dk/dv: sums only the first query head of a GQA group", "bwd_kernel.cuh",
+             (("for (int g = 0; g < p.kv_group; ++g)", "for (int g = 0; g < 1; ++g)"),)),
+    Mutation("launch: dynamic shared memory above 48 KiB without the opt-in", "launch.cuh",
+             (("  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);\n"
+               "  if (err != cudaSuccess) return err;\n", ""),)),
     Mutation("quad_max: reduces over lane pairs only", "mma.cuh",
              (("  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));", "  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));"),)),
 ]
