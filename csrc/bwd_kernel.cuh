@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const __grid_constant__ 
   using T = typename Elem<DTYPE>::T;
   constexpr int BM = dkdv_block_m(DP), BN = dkdv_block_n(DP);
   constexpr int MT = BM / 8, DT = DP / 8;
-  extern __shared__ uint4 smem_raw[];
+  STFAST_DYNAMIC_SMEM(uint4, smem_raw);
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + BN * DP;
   T* sQ = sV + BN * DP;   // [2][BM][DP]
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ At
   using T = typename Elem<DTYPE>::T;
   constexpr int BM = fwd_block_m(DP), BN = fwd_block_n(DP);
   constexpr int NT = BN / 8, DT = DP / 8;
-  extern __shared__ uint4 smem_raw[];
+  STFAST_DYNAMIC_SMEM(uint4, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sDO = sQ + BM * DP;
   T* sK = sDO + BM * DP;  // [2][BN][DP]

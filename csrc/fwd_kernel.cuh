@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ A
   using T = typename Elem<DTYPE>::T;
   constexpr int BM = fwd_block_m(DP), BN = fwd_block_n(DP);
   constexpr int NT = BN / 8, DT = DP / 8;
-  extern __shared__ uint4 smem_raw[];
+  STFAST_DYNAMIC_SMEM(uint4, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + BM * DP;  // [2][BN][DP]
   T* sV = sK + 2 * BN * DP;

@@ -19,7 +19,11 @@ cudaError_t launch(Kernel kernel, dim3 grid, int smem, const AttnParams& p, cuda
   if (smem > optin) return cudaErrorInvalidConfiguration;  // the binding checks first, with a message
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
+#ifdef STFAST_SIMT
+  if ((err = simt::launch(kernel, grid, kThreads, smem, stream, p)) != cudaSuccess) return err;
+#else
   kernel<<<grid, kThreads, smem, stream>>>(p);
+#endif
   return cudaGetLastError();
 }
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 import os
@@ -152,6 +153,25 @@ def _binding_command(out_dir: Path) -> list[str] | None:
             *(f"-I{p}" for p in includes), str(CSRC / "binding.cpp")]
 
 
+def _compile_cache_entry(cmd: list[str], tmp_path: Path, nvcc: str) -> Path:
+    """Where a successful compile of ``cmd`` keeps its object: keyed by the command (temp
+    paths masked), the nvcc, g++ and torch versions and every csrc/ file, so any change to
+    the sources, flags or toolchain compiles again."""
+    digest = hashlib.sha256()
+    for tool in (nvcc, shutil.which("g++") or shutil.which("c++")):  # nvcc compiles host code with g++
+        if tool:
+            digest.update(subprocess.run([tool, "--version"], capture_output=True, text=True).stdout.encode())
+    digest.update(torch.__version__.encode())
+    digest.update(" ".join(cmd).replace(str(tmp_path), "<tmp>").encode())
+    for path in sorted(CSRC.rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(CSRC).as_posix().encode())
+            digest.update(path.read_bytes())
+    base = os.environ.get("STFAST_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "stfast")
+    return Path(base) / "compile-check" / digest.hexdigest()[:24]
+
+
 @pytest.mark.build
 def test_cuda_sources_compile(tmp_path):
     nvcc = scuda._nvcc()
@@ -173,7 +193,18 @@ def test_cuda_sources_compile(tmp_path):
 
     def run(item):
         name, cmd = item
+        out = Path(cmd[cmd.index("-o") + 1]) if "-o" in cmd else None
+        entry = _compile_cache_entry(cmd, tmp_path, nvcc)
+        if entry.is_file():  # this exact command passed before: reuse its object
+            if out is not None:
+                shutil.copyfile(entry, out)
+            return name, 0, ""
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_suffix(f".{os.getpid()}.{threading.get_ident()}")
+            shutil.copyfile(out, tmp) if out is not None else tmp.write_bytes(b"")
+            os.replace(tmp, entry)
         return name, proc.returncode, proc.stdout + proc.stderr
 
     # The binding (torch headers, the slowest unit) starts first so it overlaps the kernels.
@@ -218,33 +249,42 @@ def _plain(kind, q, k, v, dout, causal, scale, mask, layout, head_strides, dtype
     return out5.detach(), lse5.detach(), *(t.grad for t in leaves)
 
 
-def _kernel(kind, q, k, v, dout, causal, scale, mask, layout, head_strides):
-    """(out5, lse5, dq, dk, dv) of the cuda backend called directly, on poisoned buffers."""
+def _kernel(kind, q, k, v, dout, causal, scale, mask, layout, head_strides, backend=None):
+    """(out5, lse5, dq, dk, dv) of the cuda backend (or ``backend``, e.g. the CPU SIMT
+    emulator of tests/simt) called directly, on poisoned buffers."""
+    backend = backend or scuda.BACKEND
     p = _lowered(kind, q, k, v, causal, scale, mask, layout, head_strides, q.device)
-    reasons = scuda.BACKEND.not_supported_reasons(p, requires_grad=True)
-    smem = scuda.smem_reason(q.shape[-1], True, torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin)
-    if smem is not None and reasons == [smem]:
-        pytest.skip(f"this GPU cannot run the backward for this head dim: {smem}")
+    reasons = backend.not_supported_reasons(p, requires_grad=True)
+    if q.is_cuda:
+        optin = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+        smem = scuda.smem_reason(q.shape[-1], True, optin)
+        if smem is not None and reasons == [smem]:
+            pytest.skip(f"this GPU cannot run the backward for this head dim: {smem}")
     assert reasons == []
     out, out5 = p.new_output()
     out.fill_(float("nan"))
     lse5 = p.new_lse().fill_(float("nan"))
-    scuda.BACKEND.forward(p, out5, lse5)
+    backend.forward(p, out5, lse5)
     (dq, dq5), (dk, dk5), (dv, dv5) = p.new_grads(q, k, v)
     for g in (dq, dk, dv):
         g.fill_(float("nan"))
-    scuda.BACKEND.backward(p, out5, to5(dout, kind, p.groups), lse5, dq5, dk5, dv5)
-    torch.cuda.synchronize()
+    backend.backward(p, out5, to5(dout, kind, p.groups), lse5, dq5, dk5, dv5)
+    if q.is_cuda:
+        torch.cuda.synchronize()
     return out5, lse5, dq, dk, dv
 
 
-def check(kind, q, k, v, *, causal=False, scale=None, mask=None, layout=None, head_strides=(0, 0, 0)):
-    """Every output and gradient element of the kernel: error <= 2x plain PyTorch's + eps."""
-    _cuda_ready()
+def check(kind, q, k, v, *, causal=False, scale=None, mask=None, layout=None, head_strides=(0, 0, 0), backend=None,
+          identical=()):
+    """Every output and gradient element of the kernel: error <= 2x plain PyTorch's + eps.
+    ``backend`` replaces the cuda backend; each of ``identical`` (more backends, e.g. the
+    emulator under other schedules) must then reproduce its results bit for bit."""
+    if backend is None:
+        _cuda_ready()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     dout = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
     args = (causal, scale, mask, layout, head_strides)
-    got = _kernel(kind, q, k, v, dout, *args)
+    got = _kernel(kind, q, k, v, dout, *args, backend=backend)
     truth = _plain(kind, q, k, v, dout, *args, torch.float64)
     plain = _plain(kind, q, k, v, dout, *args, q.dtype)
     for name, g, t, pl in zip(("out", "lse", "dq", "dk", "dv"), got, truth, plain):
@@ -258,6 +298,10 @@ def check(kind, q, k, v, *, causal=False, scale=None, mask=None, layout=None, he
         ref = (pl - t).abs().max().item() if g.numel() else 0.0
         bound = 2 * ref + EPS[q.dtype] * max(1.0, t.abs().max().item() if t.numel() else 1.0)
         assert err <= bound, f"{name}: max error {err:.3e} > 2 x plain {q.dtype} error {ref:.3e} + eps"
+    for other in identical:
+        again = _kernel(kind, q, k, v, dout, *args, backend=other)
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, again):
+            assert torch.equal(a, b), f"{name} differs bit-wise under {other!r}"
     return got
 
 

@@ -1,0 +1,10 @@
+// The emulator runs csrc/binding.cpp on CPU tensors: device guards have nothing to do.
+#pragma once
+
+#include <c10/core/Device.h>
+
+namespace c10::cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(c10::Device) {}
+};
+}  // namespace c10::cuda

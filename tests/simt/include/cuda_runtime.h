@@ -1,0 +1,4 @@
+#pragma once
+
+#include "cuda_bf16.h"
+#include "simt/api.h"
