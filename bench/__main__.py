@@ -78,8 +78,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _distributed_rows(args, progress) -> list[dict]:
     """``--suite distributed`` lives in bench/distributed.py."""
-    from . import distributed
-
     base = dict(suite="distributed", case="(suite)", dtype=str(args.dtype).replace("torch.", ""),
                 device=device_name(args.device), impl="(suite)", family="distributed", **{"pass": "-"})
     try:
@@ -104,9 +102,11 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     plans = plan(cases, args.device)
     rate = flops_per_second(args.device, args.dtype)
-    steps = estimate(plans, args.passes, args.budget, rate)
+    steps = estimate(plans, args.passes, args.budget, rate, args.device.type)
     if "distributed" in args.suites:
-        steps += distributed.estimate(args, rate)
+        # the ranks run on the CPU whatever --device says
+        cpu_rate = rate if args.device.type == "cpu" else flops_per_second(torch.device("cpu"), torch.float32)
+        steps += distributed.estimate(args, cpu_rate)
     cores = os.cpu_count() or 1
     print(f"stfast {stfast.__version__} | torch {torch.__version__} | {name} | {args.dtype} | "
           f"{args.threads} threads of {cores} cores | load average {load_before[0]:.2f} | preset {args.preset} | "

@@ -154,16 +154,20 @@ def _work_factor(case: Case, impl: Impl) -> float:
     return factor
 
 
-def step_seconds(case: Case, impl: Impl, pass_: str, budget_s: float, flops_per_s: float) -> float:
+def step_seconds(case: Case, impl: Impl, pass_: str, budget_s: float, flops_per_s: float,
+                 device_type: str = "cpu") -> float:
     """Expected seconds of one row: the checked call (which is also the warm-up), the
-    timed calls (at least 3, at most 50, else as many as fit in the budget) and the
-    profiled call, plus a compile for compiled implementations. A rough figure, for the
-    time-left estimate."""
+    timed calls (CPU: at least 3, at most 50, else as many as fit in the budget; CUDA:
+    do_bench's warm-up and the whole budget) and the profiled call, plus a compile for
+    compiled implementations. A rough figure, for the time-left estimate."""
     if impl.fn is None or (pass_ != "fwd" and impl.no_backward):
         return 0.0
     call = case.flops(pass_) * _work_factor(case, impl) / flops_per_s + CALL_OVERHEAD_S
+    compile_s = COMPILE_S if impl.compiled else 0.0
+    if device_type == "cuda":
+        return max(budget_s, 0.1) + 0.025 + 2 * call + compile_s
     reps = min(50, max(3, budget_s / call))
-    return (reps + 2) * call + (COMPILE_S if impl.compiled else 0.0)
+    return (reps + 2) * call + compile_s
 
 
 def reference_seconds(case: Case, passes, flops_per_s: float) -> float:
@@ -176,7 +180,7 @@ def reference_seconds(case: Case, passes, flops_per_s: float) -> float:
     return ORACLE_SLOWDOWN * dense / flops_per_s
 
 
-def estimate(plans: Plan, passes, budget_s: float, flops_per_s: float) -> list[float]:
+def estimate(plans: Plan, passes, budget_s: float, flops_per_s: float, device_type: str = "cpu") -> list[float]:
     """Expected seconds of every step of :func:`sweep`, in its order."""
     steps = []
     for case, impls, failure in plans:
@@ -184,7 +188,8 @@ def estimate(plans: Plan, passes, budget_s: float, flops_per_s: float) -> list[f
             steps += [0.0] * len(passes)
             continue
         first = len(steps)
-        steps += [step_seconds(case, impl, pass_, budget_s, flops_per_s) for pass_ in passes for impl in impls]
+        steps += [step_seconds(case, impl, pass_, budget_s, flops_per_s, device_type)
+                  for pass_ in passes for impl in impls]
         runs = [i for i in range(first, len(steps)) if steps[i] > 0]
         if runs:
             steps[runs[0]] += reference_seconds(case, passes, flops_per_s)
