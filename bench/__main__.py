@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         steps += distributed.estimate(args, cpu_rate)
     cores = os.cpu_count() or 1
     print(f"stfast {stfast.__version__} | torch {torch.__version__} | {name} | {args.dtype} | "
-          f"{args.threads} threads of {cores} cores | load average {load_before[0]:.2f} | preset {args.preset} | "
+          f"torch threads: {args.threads} of {cores} cores | load average {load_before[0]:.2f} | preset {args.preset} | "
           f"{len(cases)} cases | passes {', '.join(args.passes)}", file=sys.stderr)
     print(f"{len(steps)} rows; expected to take about {clock(sum(steps))} (SDPA runs at "
           f"{rate / 1e9:.0f} GFLOP/s here now; the bar corrects the estimate as rows finish)"

@@ -142,16 +142,18 @@ def load_warning(before: float, during: float | None, cores: int, threads: int) 
     if others <= limit:
         return None
     when = "before the run" if before > limit else "during the run, beyond this run's own threads"
+    fewer = (" Fewer threads (--threads 1) suffer less: threads that wait for each other at "
+             "the end of every op lose their turn on a busy machine.") if threads > 1 else ""
     return (f"WARNING: the machine is loaded ({when}: {others:.1f} on {cores} cores, threshold "
             f"{limit:.1f}); CPU times are inflated and noisy, and ratios between rows are less "
-            f"reliable. Rerun on an idle machine, or compare runs only at the same load.")
+            f"reliable. Rerun on an idle machine, or compare runs only at the same load.{fewer}")
 
 
 def conditions(meta: dict) -> str:
     """One line with what CPU figures depend on: threads, cores, load; and the duration."""
     load = meta["load_average"]
     during = f" / {meta['load_during']:.1f} during" if meta.get("load_during") is not None else ""
-    return (f"Conditions: {meta['device']}, {meta['threads']} torch threads on {meta['cpu_count']} cores, "
+    return (f"Conditions: {meta['device']}, torch threads: {meta['threads']} of {meta['cpu_count']} cores, "
             f"1-minute load average {load[0]:.1f} before{during} / {load[3]:.1f} after the run; "
             f"took {clock(meta['elapsed_s'])} (estimated {clock(meta['estimated_s'])}).")
 

@@ -146,6 +146,6 @@ def test_main_records_threads_and_load_in_every_report(tmp_path, monkeypatch, ca
     assert meta["threads"] == 1 and len(meta["load_average"]) == 6 and meta["estimated_s"] > 0 and meta["elapsed_s"] > 0
     markdown = (tmp_path / "cpu.md").read_text()
     for text in (captured.out, markdown):
-        assert "1 torch threads on" in text and "load average" in text
+        assert "torch threads: 1 of" in text and "load average" in text
         assert "DESIGN" not in text
     assert "expected to take about" in captured.err
