@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shapes to run (default: full on CUDA, cpu on CPU, cpu-full on CPU with --full)")
     p.add_argument("--full", action="store_true",
                    help="the full sweep for the device: on CPU the cpu-full preset and 2 and 4 "
-                        "distributed ranks (about 10 minutes on 2 cores) instead of the ~3-minute default")
+                        "distributed ranks (about 7 minutes on 2 cores) instead of the ~3-minute default")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's default here, "
                         f"{torch.get_num_threads()}); recorded in every report")

@@ -340,7 +340,8 @@ def plot(rows, path: Path, meta: dict | None = None) -> str | None:
                ncol=min(6, len(impls)), fontsize=10, frameon=False)
     if meta is not None:
         loaded = " (loaded: times are noisy)" if meta.get("load_warning") else ""
-        fig.suptitle(f"stfast against the best alternative\n{meta['device']}, {meta['threads']} threads, "
+        threads = f"{meta['threads']} thread" + ("s" if meta["threads"] != 1 else "")
+        fig.suptitle(f"stfast against the best alternative\n{meta['device']}, {threads}, "
                      f"{meta['dtype']}, torch {meta['torch']}, load average {meta['load_average'][0]:.1f}"
                      f"{loaded}", fontsize=13)
     fig.savefig(path, dpi=100)
