@@ -1,7 +1,20 @@
-"""pytest configuration shared by ``tests/`` and ``bench/``: tests marked ``gpu`` skip
-without a CUDA device."""
+"""pytest configuration shared by ``tests/`` and ``bench/``: without a GPU the Triton
+kernels run on the CPU through the interpreter, and tests marked ``gpu`` skip."""
+
+import os
 
 import pytest
+
+# Triton reads TRITON_INTERPRET when it is imported: decide here, in the root conftest,
+# before any test module of either folder imports it.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:
+        pass
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,17 +1,31 @@
 """Builds the optional CUDA extension ``stfast._C``; package metadata is in pyproject.toml.
 
+Two ways to install:
+  pip install .                          pure Python, in seconds: the build environment
+                                         has no torch, so nothing is compiled
+  pip install --no-build-isolation .     builds against the torch already installed, and
+                                         compiles csrc/ when nvcc and a CUDA torch are there
+
+torch is imported only when a CUDA build is wanted: nvcc is found (or STFAST_BUILD_CUDA=1)
+and STFAST_SKIP_CUDA_BUILD is not set. pyproject.toml does not list torch as a build
+requirement, because build isolation would install an unpinned (multi-GB CUDA) torch just
+to build a pure-Python wheel; like flash-attn and NATTEN, the CUDA build takes the torch
+the user installed, through --no-build-isolation.
+
 Environment switches:
   STFAST_SKIP_CUDA_BUILD=1   never build the extension (the JIT build on first use remains)
-  STFAST_BUILD_CUDA=1        build it even without a visible GPU (needs nvcc and a CUDA torch)
+  STFAST_BUILD_CUDA=1        build it even without a visible GPU (needs nvcc, a CUDA torch
+                             and --no-build-isolation); failing to is an error, not a skip
   STFAST_CUDA_ARCHS="80;90"  target architectures (default 80;90)
   MAX_JOBS                   parallel compile jobs (default: from free memory and CPU count)
 
-Without CUDA (no GPU, no nvcc, or a CPU-only torch) the extension is skipped with a
-message and stfast installs as pure Python; the cuda backend then compiles on first use
-where it can.
+Without CUDA (no nvcc, no torch in the build environment, a CPU-only torch, or no GPU)
+the extension is skipped with a message and stfast installs as pure Python; the cuda
+backend then compiles on first use where it can.
 """
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +42,19 @@ def _say(message: str) -> None:
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() not in ("", "0", "false", "no")
+
+
+def _nvcc() -> str | None:
+    """nvcc where torch.utils.cpp_extension would look for it, without importing torch."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidate = Path(os.environ[var]) / "bin" / "nvcc"
+            return str(candidate) if candidate.exists() else None
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.exists() else None
 
 
 def _default_max_jobs() -> int:
@@ -61,11 +88,20 @@ def _extensions():
         _say("STFAST_SKIP_CUDA_BUILD=1: skipping the CUDA extension (pure-Python install)")
         return [], {}
     forced = _flag("STFAST_BUILD_CUDA")
+    if not forced and _nvcc() is None:
+        _say("nvcc was not found (set CUDA_HOME): skipping the CUDA extension (pure-Python install)")
+        return [], {}
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError as exc:
-        _say(f"torch is not importable ({exc}): skipping the CUDA extension")
+        how = ("install torch first, then build with `pip install --no-build-isolation .` so the build "
+               "sees it")
+        if forced:
+            raise SystemExit(f"STFAST_BUILD_CUDA=1 but torch is not importable in the build environment "
+                             f"({exc}): {how}")
+        _say(f"torch is not importable in the build environment ({exc}): skipping the CUDA extension "
+             f"(pure-Python install); to compile it, {how}")
         return [], {}
     reason = None
     if torch.version.cuda is None:

@@ -52,7 +52,8 @@ def _forced(kernel: str | None, call: Callable) -> Callable:
     return run
 
 
-def _sdpa_family(prefix: str, call: Callable, device: torch.device, held_bytes: int = 0) -> list[Impl]:
+def _sdpa_family(prefix: str, call: Callable, device: torch.device, held_bytes: int = 0,
+                 unfused: bool = True) -> list[Impl]:
     """The default SDPA dispatch (what hand-written code gets) and each backend forced.
     CUDA-only backends are skipped on CPU; the others are tried and may error."""
     impls = [Impl(prefix, "sdpa", call, held_bytes=held_bytes)]
@@ -60,6 +61,8 @@ def _sdpa_family(prefix: str, call: Callable, device: torch.device, held_bytes: 
         name = f"{prefix}[{kernel}]"
         if device.type != "cuda" and kernel in ("efficient", "cudnn"):
             impls.append(Impl(name, "sdpa", reason=f"SDPA {SDPA_BACKENDS[kernel]} has no CPU kernel"))
+        elif kernel == "math" and not unfused:
+            impls.append(Impl(name, "sdpa", reason="left out of this preset (slow; --full runs it)"))
         else:
             impls.append(Impl(name, "sdpa", _forced(kernel, call), held_bytes=held_bytes))
     return impls
@@ -222,11 +225,12 @@ def competitors(case: Case, device: torch.device) -> list[Impl]:
         impls.append(Impl("permute+sdpa", "pipeline", _permute_pipeline(case.pclass)))
     elif layout is not None:
         impls += _sdpa_family("sdpa+mask", _masked_sdpa(layout), device,
-                              held_bytes=layout.num_heads * layout.seq_len_q * layout.seq_len_k)
+                              held_bytes=layout.num_heads * layout.seq_len_q * layout.seq_len_k,
+                              unfused=case.unfused)
     else:
         causal = case.pclass == "causal"
         impls += _sdpa_family("sdpa", lambda q, k, v: F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal), device)
+            q, k, v, is_causal=causal), device, unfused=case.unfused)
     flex = _flex(case, layout, device)
     if flex is not None:
         impls.append(flex)

@@ -31,6 +31,18 @@ import torch.multiprocessing as mp
 SHAPES = (("video", 1, 8, 196, 256, 8), ("traffic", 8, 12, 207, 64, 8))
 STRATEGIES = ("dsp", "ulysses")
 PASSES = ("fwd", "fwd+bwd")
+WORLD_SIZES = (2, 4)
+# DSP is stfast's strategy; Ulysses is the alternative it is measured against, so
+# python -m bench reports DSP's speed-up over it.
+FAMILY = {"dsp": "distributed", "ulysses": "ulysses"}
+# Seconds to start P processes, import torch and stfast in each and set up gloo; and a
+# layer's time over its FLOPs at fused-SDPA speed (measured on 2 cores, 2 ranks).
+STARTUP_S = 8.0
+SLOWDOWN = 5.0
+
+
+def _threads_per_rank(threads: int | None, world: int) -> int:
+    return max(1, (threads or os.cpu_count() or 1) // world)
 
 
 def _free_port() -> int:
@@ -57,8 +69,9 @@ def _timed_reps(fn, budget_s: float) -> list[float]:
     return times
 
 
-def _measure(sp, x_loc, passes, budget_s):
-    """``{pass: (median seconds, bytes, remote bytes, all-to-all calls)}`` on this rank."""
+def _measure(sp, x_loc, passes, budget_s, announce):
+    """``{pass: (median seconds, bytes, remote bytes, all-to-all calls)}`` on this rank;
+    ``announce(pass)`` before each pass."""
     from stfast.distributed import count_comm
 
     gy = torch.randn_like(x_loc)
@@ -75,6 +88,7 @@ def _measure(sp, x_loc, passes, budget_s):
     for pass_, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
         if pass_ not in passes:
             continue
+        announce(pass_)
         with count_comm() as c:
             fn()
         times = _timed_reps(fn, budget_s)
@@ -82,11 +96,12 @@ def _measure(sp, x_loc, passes, budget_s):
     return out
 
 
-def _worker(rank, world, port, config, result_path):
+def _worker(rank, world, port, config, result_path, steps):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=300))
     try:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        threads = _threads_per_rank(config["threads"], world)
+        torch.set_num_threads(threads)
         from stfast.distributed import SequenceParallelSpatioTemporalAttention
 
         dtype = getattr(torch, config["dtype"])
@@ -97,7 +112,10 @@ def _worker(rank, world, port, config, result_path):
                     torch.manual_seed(0)
                     sp = SequenceParallelSpatioTemporalAttention(c, h, mode=mode, strategy=strategy).to(dtype)
                     x_loc = torch.randn(b, t, n, c, dtype=dtype).tensor_split(world, 1)[rank].contiguous()
-                    measured = _measure(sp, x_loc, config["passes"], config["budget"])
+                    def announce(pass_):
+                        if rank == 0:
+                            steps.put(f"distributed/{name} {mode} P={world} sp-{strategy} {pass_}")
+                    measured = _measure(sp, x_loc, config["passes"], config["budget"], announce)
                     share = x_loc.numel() * x_loc.element_size()
                     everyone = [None] * world
                     dist.all_gather_object(everyone, (measured, share))
@@ -112,8 +130,10 @@ def _worker(rank, world, port, config, result_path):
                         rows.append(dict(
                             suite="distributed", name=f"{strategy}/{mode}", case=f"{name} {mode} P={world}",
                             shape=f"B={b} T={t} N={n} C={c} H={h} P={world}", problem_class=None,
-                            density=None, dtype=config["dtype"], device=f"cpu (gloo, {world} processes)",
-                            **{"pass": pass_}, impl=f"sp-{strategy}", family="distributed", backend="gloo",
+                            density=None, dtype=config["dtype"],
+                            device=f"cpu (gloo, {world} processes)", threads_per_rank=threads,
+                            **{"pass": pass_}, impl=f"sp-{strategy}", family=FAMILY[strategy],
+                            backend="gloo",
                             status="ok", reason=None, ms=ms, time_ms=ms, bytes_per_layer=sent,
                             remote_bytes_per_layer=remote, activation_shares=shares,
                             all_to_all_calls=measured[pass_][3], world_size=world, mode=mode,
@@ -127,26 +147,71 @@ def _worker(rank, world, port, config, result_path):
         dist.destroy_process_group()
 
 
-def run(args=None) -> list[dict]:
-    """Result rows (``name``, ``suite``, ``shape``, ``time_ms``, ``bytes_per_layer`` and the
-    keys of ``python -m bench`` rows) for every shape, mode, strategy, world size and pass.
-
-    Reads ``args.world_sizes`` (default 2, 4), ``args.modes`` (default divided),
-    ``args.dtype`` (default float32), ``args.passes`` and ``args.budget`` (seconds of
-    timing per row) when present.
-    """
+def _config(args) -> dict:
     dtype = getattr(args, "dtype", None) or torch.float32
-    config = dict(
+    return dict(
         dtype=str(dtype).replace("torch.", ""),
         modes=list(getattr(args, "modes", None) or ("divided",)),
         passes=[p for p in (getattr(args, "passes", None) or PASSES) if p in PASSES],
         budget=float(getattr(args, "budget", None) or 0.6),
+        threads=getattr(args, "threads", None),
+        world_sizes=list(getattr(args, "world_sizes", None) or WORLD_SIZES),
     )
+
+
+def _layer_flops(b, t, n, c, mode_passes: int) -> float:
+    """Forward FLOPs of ``mode_passes`` attentions with their q/k/v and output projections."""
+    tokens = b * t * n
+    return mode_passes * (8.0 * tokens * c * c + 2.0 * tokens * c * (n + t))
+
+
+def estimate(args=None, flops_per_s: float = 1e11) -> list[float]:
+    """Expected seconds of each row :func:`run` returns, in its order (a process start
+    charged to each world size's first row), from the layer's FLOPs at ``flops_per_s``
+    times a measured slowdown (small heads, gloo, processes sharing cores): rough, for
+    the progress bar's time left."""
+    config = _config(args)
+    steps = []
+    for world in config["world_sizes"]:
+        first = len(steps)
+        for _, b, t, n, c, _ in SHAPES:
+            fwd = _layer_flops(b, t, n, c, 2) / world / flops_per_s * SLOWDOWN
+            for _ in config["modes"]:
+                for _ in STRATEGIES:
+                    for pass_ in config["passes"]:
+                        call = fwd * (3.5 if pass_ == "fwd+bwd" else 1.0)
+                        reps = min(30, max(3, config["budget"] / call))
+                        steps.append((reps + 2) * call)
+        if len(steps) > first:
+            steps[first] += STARTUP_S
+    return steps
+
+
+def run(args=None, progress=None) -> list[dict]:
+    """Result rows (``name``, ``suite``, ``shape``, ``time_ms``, ``bytes_per_layer`` and the
+    keys of ``python -m bench`` rows) for every shape, mode, strategy, world size and pass.
+
+    Reads ``args.world_sizes`` (default 2, 4), ``args.modes`` (default divided),
+    ``args.dtype`` (default float32), ``args.passes``, ``args.budget`` (seconds of timing
+    per row) and ``args.threads`` (split among the ranks; default all cores) when present.
+    ``progress.step(label)`` is called as rank 0 starts each row.
+    """
+    config = _config(args)
     rows = []
-    for world in getattr(args, "world_sizes", None) or (2, 4):
+    steps = mp.get_context("spawn").SimpleQueue()
+    for world in config["world_sizes"]:
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "rows.json"
-            mp.spawn(_worker, args=(world, _free_port(), config, str(result)), nprocs=world, join=True)
+            workers = mp.spawn(_worker, args=(world, _free_port(), config, str(result), steps),
+                               nprocs=world, join=False)
+            while True:
+                finished = workers.join(timeout=0.2)
+                while not steps.empty():
+                    label = steps.get()
+                    if progress is not None:
+                        progress.step(label)
+                if finished:
+                    break
             rows += json.loads(result.read_text())
     return rows
 
@@ -168,10 +233,13 @@ def main(argv=None) -> None:
     p.add_argument("--modes", default="divided", help="comma-separated modes (default divided)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16"))
     p.add_argument("--budget", type=float, default=0.6, help="seconds of timing per row (default 0.6)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads in all, split among the ranks (default: every core)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     a = p.parse_args(argv)
     args = argparse.Namespace(world_sizes=[int(w) for w in a.world_sizes.split(",")],
-                              modes=a.modes.split(","), dtype=getattr(torch, a.dtype), budget=a.budget)
+                              modes=a.modes.split(","), dtype=getattr(torch, a.dtype), budget=a.budget,
+                              threads=a.threads)
     rows = run(args)
     print(table(rows))
     if a.json:

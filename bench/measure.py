@@ -120,14 +120,35 @@ def make_step(fn, inputs, pass_: str, dout):
     return step, checked
 
 
+def flops_per_second(device: torch.device, dtype: torch.dtype, reps: int = 5) -> float:
+    """What fused SDPA reaches here and now (median of ``reps`` forwards, load included):
+    the unit of the run's duration estimate. Costs about a tenth of a second on a CPU."""
+    import torch.nn.functional as F
+
+    b, h, length, d = 1, 8, 1024, 64
+    q, k, v = (torch.randn(b, h, length, d, device=device, dtype=dtype) for _ in range(3))
+    with torch.no_grad():
+        F.scaled_dot_product_attention(q, k, v)
+        times = []
+        for _ in range(reps):
+            sync(device)
+            start = time.perf_counter()
+            F.scaled_dot_product_attention(q, k, v)
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return 4.0 * b * h * length * length * d / statistics.median(times)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def median_ms(step, device: torch.device, *, budget_s: float, min_reps: int = 3,
-              max_reps: int = 50) -> tuple[float, int]:
-    """Median milliseconds of ``step`` and how many calls it is the median of."""
+              max_reps: int = 50, warmed: bool = False) -> tuple[float, int]:
+    """Median milliseconds of ``step`` and how many calls it is the median of.
+    ``warmed``: the caller has just run the same computation (the correctness check),
+    so a CPU warm-up call would only add a slow call's time to the run."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
@@ -137,7 +158,8 @@ def median_ms(step, device: torch.device, *, budget_s: float, min_reps: int = 3,
             return float(do_bench(step, warmup=25, rep=max(100, int(budget_s * 1000)),
                                   return_mode="median")), -1
         return _cuda_events_ms(step, device, budget_s)
-    step()  # warm-up: allocator, thread pool, caches
+    if not warmed:
+        step()  # warm-up: allocator, thread pool, caches
     times = []
     start = time.perf_counter()
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
@@ -213,20 +235,43 @@ def _quiet_fd2():
         os.close(saved)
 
 
-class Progress:
-    """A one-line progress bar on stderr (a line per step when not a terminal)."""
+def clock(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
 
-    def __init__(self, total: int, width: int = 28, stream=sys.stderr):
-        self.total, self.width, self.stream = max(1, total), width, stream
+
+class Progress:
+    """A one-line progress bar on stderr (a line per step when not a terminal) with the
+    elapsed time and the time left.
+
+    ``plan`` holds each step's estimated seconds. The time left is the estimate of the
+    steps not finished, scaled by how far the finished ones ran over or under theirs:
+    the estimate's absolute error (the machine's speed, its load) corrects itself as the
+    run goes, its relative error between kinds of step does not.
+    """
+
+    def __init__(self, plan: list[float], width: int = 28, stream=sys.stderr):
+        self.plan = [max(1e-3, s) for s in plan] or [1e-3]
+        self.total, self.width, self.stream = len(self.plan), width, stream
         self.done = 0
         self.start = time.perf_counter()
         self.tty = stream.isatty()
+        self.loads: list[float] = []
+
+    def left_s(self, elapsed: float) -> float:
+        finished = sum(self.plan[:max(0, self.done - 1)])
+        remaining = sum(self.plan[max(0, self.done - 1):])
+        return remaining * (elapsed / finished if finished > 0 else 1.0)
 
     def step(self, label: str) -> None:
-        self.done += 1
+        """Starts the next step (the previous one is finished)."""
+        self.done = min(self.done + 1, self.total)
+        self.loads.append(os.getloadavg()[0])
+        elapsed = time.perf_counter() - self.start
         filled = self.width * self.done // self.total
         bar = "#" * filled + "." * (self.width - filled)
-        text = f"[{bar}] {self.done}/{self.total} {time.perf_counter() - self.start:6.0f}s  {label}"
+        text = (f"[{bar}] {self.done}/{self.total}  {clock(elapsed)} elapsed, "
+                f"~{clock(self.left_s(elapsed))} left  {label}")
         if self.tty:
             self.stream.write("\r" + text[:120].ljust(120))
         else:

@@ -13,8 +13,14 @@ import time
 import torch
 
 from .competitors import Impl, competitors
-from .measure import TOLERANCE, Progress, Reference, make_step, median_ms, peak_bytes, sync
+from .measure import TOLERANCE, Reference, make_step, median_ms, peak_bytes, sync
 from .shapes import Case, Inputs
+
+# Rough costs for the duration estimate (measured on a 2-core CPU): a torch.compile of
+# flex_attention, and the float64 oracle's slowdown against a fused float32 call.
+COMPILE_S = 3.0
+ORACLE_SLOWDOWN = 6.0
+CALL_OVERHEAD_S = 2e-4
 
 # Dense bfloat16/float16 tensor-core peak (TFLOP/s) per device, from the vendors' specs.
 DEVICE_PEAK_TFLOPS = {
@@ -75,7 +81,7 @@ def _measure(case, impl, pass_, inputs, ref, dtype, device, budget_s) -> dict:
     if not math.isfinite(err) or err > TOLERANCE[dtype]:
         return _row(case, impl, pass_, dtype, device, status="wrong", **common,
                     reason=f"max error {err:.3g} relative to the reference exceeds {TOLERANCE[dtype]:g}")
-    ms, reps = median_ms(step, device, budget_s=budget_s)
+    ms, reps = median_ms(step, device, budget_s=budget_s, warmed=True)
     peak = peak_bytes(step, device) + impl.held_bytes
     tflops = case.flops(pass_) / (ms * 1e-3) / 1e12
     top = device_peak(device, dtype)
@@ -119,14 +125,78 @@ def add_speedups(rows: list[dict]) -> None:
             r["speedup"] = best[key] / r["ms"]
 
 
-def sweep(cases: list[Case], passes, dtype, device, budget_s: float) -> list[dict]:
+Plan = list[tuple[Case, list[Impl], str | None]]
+
+
+def plan(cases: list[Case], device) -> Plan:
+    """``(case, implementations, why the case cannot be set up or None)`` per case."""
     plans = []
     for case in cases:
         try:
             plans.append((case, competitors(case, device), None))
         except Exception as exc:  # e.g. a layout builder missing or refusing its arguments
             plans.append((case, [], _short(exc)))
-    progress = Progress(sum(max(1, len(impls)) * len(passes) for _, impls, _ in plans))
+    return plans
+
+
+def _work_factor(case: Case, impl: Impl) -> float:
+    """Executed FLOPs over the case's useful FLOPs, roughly: what an estimate needs to
+    tell a dense masked or unfused call from a fused one."""
+    s = case.shape
+    length = (s["N"] if case.pclass == "space" else s["T"]) if case.spatiotemporal else s["L"]
+    # Short sequences (the time axis) and narrow heads leave the vector units idle: about
+    # 12x at L=8 and 5x at D=8 on a 2-core CPU.
+    factor = 128 / min(length, 128) * 32 / min(s["D"], 32)
+    if impl.name.startswith("sdpa+mask"):
+        factor /= case.density or 1.0  # computes every block, masked ones included
+    if impl.name.endswith("[math]"):
+        factor *= 2.5  # unfused: materialises the scores
+    return factor
+
+
+def step_seconds(case: Case, impl: Impl, pass_: str, budget_s: float, flops_per_s: float,
+                 device_type: str = "cpu") -> float:
+    """Expected seconds of one row: the checked call (which is also the warm-up), the
+    timed calls (CPU: at least 3, at most 50, else as many as fit in the budget; CUDA:
+    do_bench's warm-up and the whole budget) and the profiled call, plus a compile for
+    compiled implementations. A rough figure, for the time-left estimate."""
+    if impl.fn is None or (pass_ != "fwd" and impl.no_backward):
+        return 0.0
+    call = case.flops(pass_) * _work_factor(case, impl) / flops_per_s + CALL_OVERHEAD_S
+    compile_s = COMPILE_S if impl.compiled else 0.0
+    if device_type == "cuda":
+        return max(budget_s, 0.1) + 0.025 + 2 * call + compile_s
+    reps = min(50, max(3, budget_s / call))
+    return (reps + 2) * call + compile_s
+
+
+def reference_seconds(case: Case, passes, flops_per_s: float) -> float:
+    """Expected seconds of a case's inputs and reference: the float64 oracle computes
+    every score, masked ones too, several times slower than a fused float32 call."""
+    s = case.shape
+    length = (s["N"] if case.pclass == "space" else s["T"]) if case.spatiotemporal else s["L"]
+    seqs = s["B"] * s["H"] * ((s["T"] if case.pclass == "space" else s["N"]) if case.spatiotemporal else 1)
+    dense = 4.0 * seqs * length * length * s["D"] * (3.5 if any(p != "fwd" for p in passes) else 1.0)
+    return ORACLE_SLOWDOWN * dense / flops_per_s
+
+
+def estimate(plans: Plan, passes, budget_s: float, flops_per_s: float, device_type: str = "cpu") -> list[float]:
+    """Expected seconds of every step of :func:`sweep`, in its order."""
+    steps = []
+    for case, impls, failure in plans:
+        if failure is not None:
+            steps += [0.0] * len(passes)
+            continue
+        first = len(steps)
+        steps += [step_seconds(case, impl, pass_, budget_s, flops_per_s, device_type)
+                  for pass_ in passes for impl in impls]
+        runs = [i for i in range(first, len(steps)) if steps[i] > 0]
+        if runs:
+            steps[runs[0]] += reference_seconds(case, passes, flops_per_s)
+    return steps
+
+
+def sweep(plans: Plan, passes, dtype, device, budget_s: float, progress) -> list[dict]:
     rows = []
     for case, impls, failure in plans:
         if failure is not None:
@@ -137,5 +207,4 @@ def sweep(cases: list[Case], passes, dtype, device, budget_s: float) -> list[dic
             continue
         rows += run_case(case, impls, passes, dtype, device, budget_s, progress)
         impls.clear()  # drops dense masks and compiled closures before the next case
-    progress.close()
     return rows

@@ -1,5 +1,5 @@
-"""The problems the benchmark runs: shapes users have (DESIGN section 5), grouped
-into presets, and the inputs and FLOP counts of each.
+"""The problems the benchmark runs: shapes users have (causal LLMs, video
+transformers, traffic graphs, sparse video generation), grouped into presets, and the inputs and FLOP counts of each.
 
 A :class:`Case` is one problem (shape, kind, mask); every competitor of the run gets
 the same inputs.  Dense and causal inputs are contiguous ``[B, H, L, D]`` (the
@@ -9,6 +9,7 @@ fused ``[B, T, N, 3, H, D]`` projection, as a model produces them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ class Case:
     shape: dict  # B, H, L, D (dense kinds) or B, T, N, H, D (spatio-temporal)
     layout: tuple | None = None  # (builder name in stfast.layouts, kwargs)
     flex: bool = True  # worth a FlexAttention row (its compile is slow on CPU)
+    unfused: bool = True  # worth SDPA's math backend rows (slow and memory-hungry on CPU)
     _built: object = field(default=None, repr=False)
 
     @property
@@ -150,7 +152,7 @@ def _presets() -> dict[str, list[Case]]:
                 + [_sparse(f"bigbird L={n}", "bigbird",
                            dict(seq_len=n, num_global=2, num_window=3, num_random=3, block=64), 1, 16, 64)
                    for n in (16384, 65536)])
-    cpu_small = (
+    cpu_full = (
         _llm("causal", "causal", (512, 1024, 2048), (64,), 4096, 512, flex=False)
         + _llm("causal", "causal", (1024,), (128,), 4096, 512)
         + _llm("causal", "dense", (1024,), (64,), 4096, 512, flex=False)
@@ -162,8 +164,14 @@ def _presets() -> dict[str, list[Case]]:
                    flex=False),
            _sparse("tiles3d (8,16,16)", "sliding_tile_3d",
                    dict(grid=(8, 16, 16), tile=(2, 4, 8), window=(3, 3, 1)), 1, 4, 64, flex=False)])
+    # The default CPU sweep: one case of each kind of cpu-full, without SDPA's math rows
+    # (a third of cpu-full's time), to finish in about 3 minutes on 2 cores.
+    quick = {"llm-causal L=1024 D=64", "llm-causal L=1024 D=128", "dense L=1024 D=64",
+             "local L=4096 (10%)", "tiles3d (8,16,16)"}
+    cpu = [dataclasses.replace(c, unfused=False) for c in cpu_full
+           if c.spatiotemporal or c.name in quick]
     return {
-        "cpu-small": cpu_small,
+        "cpu": cpu, "cpu-full": cpu_full,
         "full": llm + video + timesformer + traffic + sparse3d + sparse1d,
         "llm": llm, "video": video, "timesformer": timesformer, "traffic": traffic,
         "sparse3d": sparse3d, "sparse1d": sparse1d,
