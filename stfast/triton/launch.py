@@ -84,7 +84,14 @@ def _causal_offset(p: Problem) -> int:
 
 
 def use_packed(p: Problem) -> bool:
-    return (p.layout is None and not p.kv_shared_dim and max(p.lq, p.lk) <= PACK_MAX_LEN)
+    return p.layout is None and p.groups == 1 and max(p.lq, p.lk) <= PACK_MAX_LEN
+
+
+def reduces_kv_heads(p: Problem, dk5: torch.Tensor, dv5: torch.Tensor) -> bool:
+    """Whether dk/dv are one buffer shared by the B2 query heads (GQA), so the backward
+    pass must sum over B2.  A k or v that the caller broadcast over heads also has
+    stride 0 along B2, but its gradient buffers are full: each head is written alone."""
+    return p.batch[2] > 1 and all(t.stride(2) == 0 for t in (p.k, p.v, dk5, dv5))
 
 
 def _packing(p: Problem) -> tuple[int, int, int]:
@@ -186,7 +193,7 @@ def backward(p: Problem, out5, dout5, lse5, dq5, dk5, dv5) -> None:
         DV_PAD=c["dv_pad"], BLOCK_M=pre_block)
     lay = _layout_args(p)
     pm, kvc, kvi, bt, pi, qc, qi = lay["tables"]
-    shared = p.kv_shared_dim
+    shared = reduces_kv_heads(p, dk5, dv5)
     groups = b2 if shared else 1
     common = (*_strides5(p.q), *_strides5(p.k), *_strides5(p.v), *_strides5(dout5), *lse5.stride(),
               *c["mask_strides"])
