@@ -1,7 +1,7 @@
 """``python -m stfast``: versions, devices, the backend setting, and which backends work
 here and why not.  ``python -m stfast --selftest``: every available backend on this
-device against the float64 torch backend, as a table and a JSON file to attach to a
-bug report."""
+device against the float64 oracle of the torch backend, as a table and a JSON file to
+attach to a bug report."""
 
 from __future__ import annotations
 
@@ -105,26 +105,34 @@ def _cases(head_dims, dtypes, device):
 
 
 def _error_ratio(fn, make, backend):
-    """max |error| of ``backend`` over out, dq, dk, dv, divided by the bound: twice the
-    error of plain PyTorch at the same dtype (the torch backend computing in that
-    dtype), plus a small epsilon, all against the torch backend in float64."""
+    """max |error| of ``backend`` over out, dq, dk, dv against the float64 oracle (the
+    torch backend's plain math), divided by the bound: twice the error of the same
+    plain math at the inputs' dtype, plus a small epsilon."""
+    from .backends import lower_call
+    from .lowering import from5
+    from .reference import oracle
+
     inputs = [t.detach() for t in make()]
     dtype = inputs[0].dtype
 
-    def run(tensors, name):
-        leaves = [t.clone().requires_grad_() for t in tensors]
-        out = fn(*leaves, name)
+    def grads(out, leaves):
         out.backward(dout.to(out.dtype))
         return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+    def plain(tensors, compute_dtype):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        p = lower_call(lambda: fn(*leaves, "torch"), track_grad=True)
+        return grads(from5(oracle(p, dtype=compute_dtype)[0], p.kind), leaves)
 
     with torch.no_grad():
         shape = fn(*inputs, "torch").shape
     dout = torch.randn(shape, dtype=torch.float64, device=inputs[0].device)
-    exact = run([t.double() for t in inputs], "torch")
-    plain = run(inputs, "torch")
-    got = run(inputs, backend)
+    exact = plain([t.double() for t in inputs], torch.float64)
+    at_dtype = plain(inputs, dtype)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    got = grads(fn(*leaves, backend), leaves)
     worst = 0.0
-    for g, p, e in zip(got, plain, exact):
+    for g, p, e in zip(got, at_dtype, exact):
         if not torch.isfinite(g).all():
             return float("inf")
         bound = 2 * (p - e).abs().max().item() + _EPS[dtype]

@@ -306,12 +306,19 @@ def _lower_public_call(args, kwargs):
         raise TypeError(f"explain() takes a Problem or q, k, v (3 tensors), got {len(args)} positional "
                         "arguments")
     grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
+    return lower_call(lambda: getattr(functional, fn)(*args, **kwargs)), grad
+
+
+def lower_call(call, *, track_grad: bool = False) -> Problem | None:
+    """The :class:`Problem` a public call lowers to, validated as the call validates
+    it, without running any backend (None when the call never dispatches: an empty
+    problem).  ``track_grad`` keeps the problem's views in the caller's graph."""
     _probe.append(None)
     try:
-        with torch.no_grad():
-            getattr(functional, fn)(*args, **kwargs)
+        with torch.set_grad_enabled(track_grad and torch.is_grad_enabled()):
+            call()
     except _Probed:
-        return _probe[-1], grad
+        return _probe[-1]
     finally:
         del _probe[:]
-    return None, grad
+    return None
