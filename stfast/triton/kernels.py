@@ -30,11 +30,12 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 # Integer arguments that change with sequence length and batch shape.  The JIT would
-# otherwise compile a variant per value class (== 1, divisible by 16) of each; none of
-# them addresses memory, so their divisibility buys no vectorisation.  LQ_KEY/LK_KEY
-# are the bucketed lengths the autotuner keys on and are not read by the kernels.
-_LENGTHS = ["B1", "B2", "Lq", "Lk", "Mq", "Mk", "causal_off", "LQ_KEY", "LK_KEY"]
-_PACKED_LENGTHS = ["B_total", "B1", "B2", "P", "Lq", "Lk", "causal_off"]
+# otherwise compile a variant per value class (== 1, divisible by 16) of each.  None
+# of them sets the alignment of a q/k/v/o/dO tile (the LSE is read and written one
+# float per row), so their divisibility buys no vectorisation.  LQ_KEY/LK_KEY are the
+# bucketed lengths the autotuner keys on and are not read by the kernels.
+_LENGTHS = ["B1", "B2", "Lq", "Lk", "Mq", "Mk", "causal_off", "LQ_KEY", "LK_KEY", "sl0", "sl1", "sl2"]
+_PACKED_LENGTHS = ["B_total", "B1", "B2", "P", "Lq", "Lk", "causal_off", "sl0", "sl1", "sl2"]
 
 
 @triton.jit
