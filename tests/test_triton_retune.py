@@ -47,7 +47,8 @@ def run(self, *args, grid, warmup, **kwargs):
 
 Autotuner._bench = bench
 JITFunction.run = run
-launch.device_smem_limit = lambda device: 232_448
+H100 = launch.resources.Target(90, 232_448)
+launch.device_target = lambda device: H100
 
 for length in range(1000, 1041):
     q = torch.randn(1, 8, 1, 64, dtype=torch.bfloat16)
@@ -67,7 +68,7 @@ for length in range(1000, 1041):
     launch.backward(p, out5, torch.randn_like(out5), lse5, dq5, dk5, dv5)
 train = {"tunings": {n: len(t.cache) for n, t in (("fwd", launch._fwd), ("dq", launch._dq), ("dkdv", launch._dkdv))},
          "compiles": {n: len(s) for n, s in specs.items()},
-         "configs": {n: len(launch.selectable(n, 2, 64, 64, 0, 232_448, launch.GPU_CONFIGS[n]))
+         "configs": {n: len(launch.selectable(n, torch.bfloat16, 64, 64, 0, H100, launch.GPU_CONFIGS[n]))
                      for n in ("fwd", "dq", "dkdv")}}
 print(json.dumps({"decode": decode, "train": train}))
 """

@@ -74,7 +74,7 @@ class TritonBackend(Backend):
             reasons.append(f"sequence lengths must be <= {16 * 65535}, got Lq={p.lq}, Lk={p.lk}")
         launch = self._launcher()
         if launch is not None and not reasons:
-            reasons += launch.resource_reasons(p, requires_grad, launch.device_smem_limit(p.device))
+            reasons += launch.resource_reasons(p, requires_grad, launch.device_target(p.device))
         return reasons
 
     def forward(self, problem: Problem, out5: torch.Tensor, lse5: torch.Tensor) -> None:

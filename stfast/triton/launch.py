@@ -31,17 +31,21 @@ def _config(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# Hopper and Ampere favour 128-row query tiles with 3-4 pipeline stages; the small tiles
-# remain for block-sparse layouts of block 16/32 and for head dims near 256.  The
-# resource model prunes these per dtype, head dim and device.
+# Hopper and Ampere favour 128-row query tiles with 3 pipeline stages; the small tiles
+# remain for block-sparse layouts of block 16/32, element masks and head dims near 256.
+# Configurations that spill at every head dim on sm_80/sm_90 (128x128 forward tiles,
+# 8-warp dk/dv tiles) are not listed; the resource model prunes the rest per dtype,
+# head dim, mask and device.
 _SMALL = [_config(32, 32, 4, 2), _config(16, 16, 2, 2)]
 GPU_CONFIGS = {
-    "fwd": [_config(128, 64, 4, 3), _config(128, 64, 8, 3), _config(128, 128, 8, 3),
-            _config(128, 64, 8, 4), _config(64, 64, 4, 3), _config(64, 32, 4, 3)] + _SMALL,
-    "dkdv": [_config(64, 128, 8, 2), _config(32, 128, 4, 2), _config(64, 64, 4, 3),
-             _config(32, 64, 4, 2), _config(64, 64, 8, 2)] + _SMALL,
-    "dq": [_config(128, 64, 8, 2), _config(128, 32, 4, 2), _config(64, 64, 4, 3),
-           _config(64, 32, 4, 2), _config(64, 64, 8, 2)] + _SMALL,
+    "fwd": [_config(128, 64, 8, 3), _config(128, 64, 4, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 3)]
+    + _SMALL,
+    # dk/dv keeps k, v and both fp32 gradients live across its loop: at head dims of 64
+    # and up only narrow query tiles stay out of local memory.
+    "dkdv": [_config(32, 128, 4, 2), _config(64, 64, 4, 3), _config(32, 64, 4, 2)] + _SMALL
+    + [_config(16, 32, 4, 2), _config(16, 16, 4, 2)],
+    "dq": [_config(128, 64, 8, 2), _config(128, 32, 4, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 2)]
+    + _SMALL,
 }
 _KERNEL_CONFIGS = {k: [_config(16, 16, 1, 1)] for k in GPU_CONFIGS} if INTERPRET else GPU_CONFIGS
 
@@ -50,37 +54,47 @@ def _tile(c) -> resources.Tile:
     return resources.Tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
 
 
-def selectable(kernel: str, elem: int, d_pad: int, dv_pad: int, lb: int, smem_limit: int | None,
-               configs=None) -> list:
-    """The configs of ``kernel`` the autotuner may try: tiles that divide the layout
-    block, within shared memory and, by the resource model, without spilling.  When
-    every one would spill, only the one with the fewest live registers; empty when
-    none fits in shared memory (the backend then refuses the problem).
-    ``smem_limit=None`` (the interpreter) keeps every config."""
+# bf16/fp16 problems with head dims up to this never run a spilling configuration:
+# they are refused instead (auto takes SDPA).  Wider heads and TF32 take the least
+# spilling configuration when none is spill-free.
+SPILL_FREE_MAX_D = 128
+
+
+def selectable(kernel: str, dtype: torch.dtype, d_pad: int, dv_pad: int, lb: int,
+               target: resources.Target | None, configs=None, masked: bool = False) -> list:
+    """The configs of ``kernel`` the autotuner may try on ``target``: tiles that divide
+    the layout block, within shared memory and without spilling (an element mask or a
+    layout's partial blocks cost registers per score).  When every one would spill,
+    only the one that spills least, except for bf16/fp16 at head dims <=
+    ``SPILL_FREE_MAX_D``; empty when nothing may run (the backend then refuses the
+    problem).  ``target=None`` (the interpreter) keeps every config."""
     configs = [c for c in (_KERNEL_CONFIGS[kernel] if configs is None else configs)
                if not lb or (lb % c.kwargs["BLOCK_M"] == 0 and lb % c.kwargs["BLOCK_N"] == 0)]
-    if smem_limit is None:
+    if target is None:
         return configs
-    kept = [c for c in configs if resources.fits(kernel, elem, d_pad, dv_pad, _tile(c), smem_limit)]
-    if kept:
+    masked = masked or lb > 0
+    needs = [(c, resources.need(kernel, dtype, d_pad, dv_pad, _tile(c), masked, target.arch)) for c in configs]
+    kept = [c for c, n in needs if n.fits(target.smem_limit, kernel)]
+    if kept or (dtype != torch.float32 and max(d_pad, dv_pad) <= SPILL_FREE_MAX_D):
         return kept
-    launchable = [c for c in configs if resources.launchable(kernel, elem, d_pad, dv_pad, _tile(c), smem_limit)]
+    launchable = [(c, n) for c, n in needs if n.smem <= target.smem_limit]
     if not launchable:
         return []
-    return [min(launchable, key=lambda c: resources.need(kernel, elem, d_pad, dv_pad, _tile(c)).registers)]
+    return [min(launchable, key=lambda cn: (cn[1].spills or 0, cn[1].registers))[0]]
 
 
-def device_smem_limit(device: torch.device) -> int | None:
+def device_target(device: torch.device) -> resources.Target | None:
+    """The pruning target of ``device``; None under the interpreter."""
     if INTERPRET or device.type != "cuda":
         return None
-    return resources.smem_limit(device)
+    return resources.target(device)
 
 
 def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
         q = named_args["Q"]
-        kept = selectable(kernel, q.element_size(), kwargs["D_PAD"], kwargs["DV_PAD"], kwargs["LB"],
-                          device_smem_limit(q.device), configs)
+        kept = selectable(kernel, q.dtype, kwargs["D_PAD"], kwargs["DV_PAD"], kwargs["LB"],
+                          device_target(q.device), configs, kwargs["HAS_MASK"])
         if not kept:  # resource_reasons refuses such problems before any launch
             raise RuntimeError(f"no {kernel} configuration fits on {q.device} for D_PAD={kwargs['D_PAD']}")
         return kept
@@ -140,25 +154,29 @@ def _packing(p: Problem) -> tuple[int, int, int]:
         max(16, triton.next_power_of_2(per_tile * p.lk))
 
 
-def packed_warps(p: Problem, kernel: str, smem_limit: int | None) -> int | None:
+def packed_warps(p: Problem, kernel: str, target: resources.Target | None) -> int | None:
     """Warps of a packed launch of ``kernel`` ("packed_fwd" / "packed_bwd"), or None when
     the problem must take the tiled kernels: not packable, or its whole tiles (in the
     backward pass q, k, v, o, dO and all three gradients) would overflow shared
-    memory or spill, as they would for wide fp32 heads."""
+    memory or spill, as they do for wide float32 heads."""
     if p.layout is not None or p.groups != 1 or max(p.lq, p.lk) > PACK_MAX_LEN:
         return None
-    if smem_limit is None:
+    if target is None:
         return 1
     _, bm, bn = _packing(p)
-    elem, d_pad, dv_pad = p.q.element_size(), _pad(p.head_dim), _pad(p.v_dim)
+    d_pad, dv_pad = _pad(p.head_dim), _pad(p.v_dim)
+    # Measured at the largest packed tile (64 x 64; no loop, so one stage); smaller
+    # packs need less.
     for warps in (4, 8):
-        if resources.fits(kernel, elem, d_pad, dv_pad, resources.Tile(bm, bn, warps, 1), smem_limit):
+        n = resources.need(kernel, p.dtype, d_pad, dv_pad, resources.Tile(PACK_ROWS, PACK_ROWS, warps, 1),
+                           p.mask is not None, target.arch)
+        if n.fits(target.smem_limit, kernel):
             return warps
     return None
 
 
 def use_packed(p: Problem) -> bool:
-    return packed_warps(p, "packed_fwd", device_smem_limit(p.device)) is not None
+    return packed_warps(p, "packed_fwd", device_target(p.device)) is not None
 
 
 def reduces_kv_heads(p: Problem, dk5: torch.Tensor, dv5: torch.Tensor) -> bool:
@@ -171,30 +189,32 @@ def reduces_kv_heads(p: Problem, dk5: torch.Tensor, dv5: torch.Tensor) -> bool:
 MAX_BATCH = 2**31 - 1
 
 
-def resource_reasons(p: Problem, requires_grad: bool, smem_limit: int | None) -> list[str]:
-    """Why the kernels cannot run ``p`` on a device with ``smem_limit`` bytes of shared
-    memory per block (None: the interpreter), so that ``auto`` falls back."""
+def resource_reasons(p: Problem, requires_grad: bool, target: resources.Target | None) -> list[str]:
+    """Why the kernels cannot run ``p`` on ``target`` (None: the interpreter), so that
+    ``auto`` falls back."""
     reasons = []
     b0, b1, b2 = p.batch
     if b0 * b1 * b2 > MAX_BATCH:
         reasons.append(f"the batch (B0*B1*B2 = {b0}*{b1}*{b2} = {b0 * b1 * b2}) must be <= {MAX_BATCH}, "
                        "the largest grid dimension")
-    if smem_limit is None:
+    if target is None:
         return reasons
     if p.dtype == torch.float32 and _dot_precision(p.dtype) == "ieee":
         reasons.append("float32 with torch.backends.cuda.matmul.allow_tf32=False compiles tl.dot to "
                        "FMA code that spills; allow TF32, use bfloat16/float16, or another backend")
         return reasons
-    elem, d_pad, dv_pad = p.q.element_size(), _pad(p.head_dim), _pad(p.v_dim)
+    d_pad, dv_pad = _pad(p.head_dim), _pad(p.v_dim)
     lb = p.layout.block if p.layout is not None else 0
-    needed = [("fwd", packed_warps(p, "packed_fwd", smem_limit))]
+    needed = [("fwd", packed_warps(p, "packed_fwd", target))]
     if requires_grad:
-        needed += [("dq", packed_warps(p, "packed_bwd", smem_limit)),
-                   ("dkdv", packed_warps(p, "packed_bwd", smem_limit))]
+        needed += [("dq", packed_warps(p, "packed_bwd", target)),
+                   ("dkdv", packed_warps(p, "packed_bwd", target))]
     for kernel, packed in needed:
-        if packed is None and not selectable(kernel, elem, d_pad, dv_pad, lb, smem_limit, GPU_CONFIGS[kernel]):
-            reasons.append(f"no {kernel} tile fits in {smem_limit} B of shared memory for "
-                           f"{p.dtype} with head dims D={p.head_dim}, Dv={p.v_dim}")
+        if packed is None and not selectable(kernel, p.dtype, d_pad, dv_pad, lb, target, GPU_CONFIGS[kernel],
+                                             p.mask is not None):
+            reasons.append(f"no {kernel} tile fits in {target.smem_limit} B of shared memory without "
+                           f"spilling registers for {p.dtype} with head dims D={p.head_dim}, Dv={p.v_dim}"
+                           f"{' and an element mask' if p.mask is not None else ''}")
     return reasons
 
 
@@ -245,7 +265,7 @@ def backward(p: Problem, out5, dout5, lse5, dq5, dk5, dv5) -> None:
 def _forward(p: Problem, out5: torch.Tensor, lse5: torch.Tensor) -> None:
     c = _common(p)
     b0, b1, b2 = p.batch
-    warps = packed_warps(p, "packed_fwd", device_smem_limit(p.device))
+    warps = packed_warps(p, "packed_fwd", device_target(p.device))
     if warps is not None:
         per_tile, bm, bn = _packing(p)
         n = b0 * b1 * b2
@@ -255,7 +275,8 @@ def _forward(p: Problem, out5: torch.Tensor, lse5: torch.Tensor) -> None:
             *c["mask_strides"], n, b1, b2, per_tile, p.lq, p.lk, p.head_dim, p.v_dim,
             c["qk_scale"], c["causal_off"],
             D_PAD=c["d_pad"], DV_PAD=c["dv_pad"], CAUSAL=c["causal"], HAS_MASK=c["has_mask"],
-            MASK_BOOL=c["mask_bool"], DOT_PREC=c["prec"], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+            MASK_BOOL=c["mask_bool"], DOT_PREC=c["prec"], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+            num_stages=1)
         return
     lay = _layout_args(p)
     pm, kvc, kvi, bt, pi, _, _ = lay["tables"]
@@ -294,7 +315,7 @@ def _backward(p: Problem, out5, dout5, lse5, dq5, dk5, dv5) -> None:
     c = _common(p)
     b0, b1, b2 = p.batch
     shared = reduces_kv_heads(p, dk5, dv5)
-    warps = None if shared else packed_warps(p, "packed_bwd", device_smem_limit(p.device))
+    warps = None if shared else packed_warps(p, "packed_bwd", device_target(p.device))
     if warps is not None:
         per_tile, bm, bn = _packing(p)
         n = b0 * b1 * b2
@@ -305,7 +326,8 @@ def _backward(p: Problem, out5, dout5, lse5, dq5, dk5, dv5) -> None:
             n, b1, b2, per_tile, p.lq, p.lk, p.head_dim, p.v_dim, p.scale, c["qk_scale"],
             c["causal_off"],
             D_PAD=c["d_pad"], DV_PAD=c["dv_pad"], CAUSAL=c["causal"], HAS_MASK=c["has_mask"],
-            MASK_BOOL=c["mask_bool"], DOT_PREC=c["prec"], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+            MASK_BOOL=c["mask_bool"], DOT_PREC=c["prec"], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+            num_stages=1)
         return
     delta = torch.empty(b0 * b1 * b2, p.lq, dtype=torch.float32, device=p.device)
     pre_block = 16 if INTERPRET else 64
