@@ -18,9 +18,11 @@ Two kinds of backend share the interface:
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -128,6 +130,28 @@ def load_dispatch_table(path: Path = DISPATCH_TABLE) -> dict:
 _dispatch_table = load_dispatch_table()
 
 
+def sdpa_runs_as_is(problem: Problem) -> bool:
+    """Dense or causal attention without an element mask or a block layout: what
+    ``F.scaled_dot_product_attention``'s flash/cuDNN kernels run on the caller's
+    tensors as they are (GQA included), so the ``torch`` backend is a proven path."""
+    return problem.kind == "dense" and problem.mask is None and problem.layout is None
+
+
+def order(problem: Problem) -> tuple[str, ...]:
+    """The order ``auto`` tries backends in for ``problem``, fastest first.
+
+    Measured results for the device (``dispatch.json``, from ``bench/results``) decide.
+    Where none exist, what SDPA runs as it is goes to ``torch`` first, and stfast's
+    kernels take what SDPA cannot do without copies, padding or dense masks
+    (spatio-temporal views, short packed sequences, element masks, block-sparse)."""
+    measured = _measured_order(problem)
+    if measured:
+        return measured
+    if sdpa_runs_as_is(problem):
+        return ("torch",) + tuple(n for n in DEFAULT_ORDER if n != "torch")
+    return DEFAULT_ORDER
+
+
 def _measured_order(problem: Problem) -> tuple[str, ...] | None:
     """Backends ordered fastest first for this problem class on this device."""
     order = _dispatch_table.get(_device_name(problem.device), {}).get(problem_class(problem))
@@ -136,14 +160,32 @@ def _measured_order(problem: Problem) -> tuple[str, ...] | None:
     return tuple(n for n in order if n in BACKEND_NAMES) + tuple(n for n in DEFAULT_ORDER if n not in order)
 
 
+def env_preference() -> str:
+    """``STFAST_BACKEND``, validated: ``"auto"`` when unset or empty.
+
+    Names are exact (lower case), like the ``backend=`` argument; anything else
+    raises, naming the valid values and the closest one."""
+    raw = os.environ.get("STFAST_BACKEND", "")
+    name = raw.strip()
+    if not name:
+        return "auto"
+    valid = ("auto",) + BACKEND_NAMES
+    if name not in valid:
+        close = difflib.get_close_matches(name.lower(), valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"STFAST_BACKEND must be one of {', '.join(valid)}, got {raw!r}{hint}")
+    return name
+
+
 def requested_name(backend: str) -> str:
     """The backend asked for: the argument, else ``use()``, else ``STFAST_BACKEND``."""
     if backend != "auto":
         return backend
-    name = _override[-1] if _override else os.environ.get("STFAST_BACKEND", "auto")
-    if name != "auto" and name not in BACKEND_NAMES:
-        raise ValueError(f"STFAST_BACKEND must be one of {('auto',) + BACKEND_NAMES}, got {name!r}")
-    return name
+    return _override[-1] if _override else env_preference()
+
+
+# A wrong STFAST_BACKEND fails `import stfast`, not the first attention call.
+env_preference()
 
 
 def select(problem: Problem, backend: str = "auto", *, requires_grad: bool = False) -> Backend:
@@ -156,6 +198,9 @@ def select(problem: Problem, backend: str = "auto", *, requires_grad: bool = Fal
     """
     if backend not in ("auto",) + BACKEND_NAMES:
         raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    if _probe:
+        _probe.append(problem)
+        raise _Probed
     if backend != "auto":
         chosen = get(backend)
         reasons = _reasons(chosen, problem, requires_grad)
@@ -163,14 +208,14 @@ def select(problem: Problem, backend: str = "auto", *, requires_grad: bool = Fal
             raise ValueError(f"backend={backend!r} cannot run this problem: " + "; ".join(reasons))
         return chosen
     preferred = requested_name("auto")
-    order = _measured_order(problem) or DEFAULT_ORDER
+    tried = order(problem)
     if preferred != "auto":
-        order = (preferred,) + tuple(n for n in order if n != preferred)
-    for name in order:
-        if problem.device.type == "cpu" and name != "torch":
-            continue  # the Triton interpreter is a test harness, not a CPU backend
+        tried = (preferred,) + tuple(n for n in tried if n != preferred)
+    for name in tried:
         candidate = get(name)
-        if not _reasons(candidate, problem, requires_grad):
+        if not _auto_reasons(candidate, problem, requires_grad):
+            if preferred not in ("auto", name):
+                _warn_unhonoured(preferred, _auto_reasons(get(preferred), problem, requires_grad), name)
             return candidate
     return get("torch")
 
@@ -182,6 +227,98 @@ def _reasons(backend: Backend, problem: Problem, requires_grad: bool) -> list[st
     return backend.not_supported_reasons(problem, requires_grad=requires_grad)
 
 
-def explain(problem: Problem, *, requires_grad: bool = False) -> dict[str, list[str]]:
-    """Every backend's reasons for refusing ``problem`` (empty list: it would run it)."""
-    return {name: _reasons(get(name), problem, requires_grad) for name in BACKEND_NAMES}
+def _auto_reasons(backend: Backend, problem: Problem, requires_grad: bool) -> list[str]:
+    reason = backend.unavailable_reason()
+    if reason:
+        return [reason]
+    if problem.device.type == "cpu" and backend.name != "torch":
+        # The Triton interpreter is a test harness, not a CPU backend.
+        return [f"auto uses only the torch backend on CPU tensors ({backend.name} runs them only "
+                f"when asked for by backend={backend.name!r})"]
+    return _reasons(backend, problem, requires_grad)
+
+
+_warned: set = set()
+
+
+def _warn_unhonoured(preferred: str, reasons: list[str], chosen: str) -> None:
+    """Warn once per preferred backend and reason that the preference fell through."""
+    source = "backends.use()" if _override else "STFAST_BACKEND"
+    key = (preferred, reasons[0] if reasons else "")
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"{source} prefers {preferred!r}, which cannot run this call "
+                  f"({'; '.join(reasons)}); using {chosen!r}. This warning is shown once per reason.",
+                  RuntimeWarning, stacklevel=3)
+
+
+class _Probed(Exception):
+    """Raised by :func:`select` while :func:`explain` probes a public call."""
+
+
+# While explain() runs a public function, select() records the lowered problem here
+# and stops the call before any backend runs.
+_probe: list = []
+
+_PUBLIC = {"attention": ("causal", "layout", "return_lse", "scale", "backend"),
+           "spatiotemporal_attention": ("axis", "causal", "scale", "attn_mask", "backend"),
+           "scaled_dot_product_attention": ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa",
+                                            "backend")}
+
+
+def explain(*args, requires_grad: bool | None = None, **kwargs) -> dict[str, list[str]]:
+    """Every backend's reasons for refusing a problem (empty list: it would run it).
+
+    Takes a lowered :class:`~stfast.lowering.Problem`, or the arguments of a public
+    function, validated and lowered exactly as that function does:
+    ``explain(q, k, v, causal=True)`` (:func:`stfast.attention`),
+    ``explain(q, k, v, axis="time", ...)`` (:func:`stfast.spatiotemporal_attention`),
+    ``explain(q, k, v, attn_mask=m)`` / ``is_causal=`` / ``enable_gqa=`` / ``dropout_p=``
+    (:func:`stfast.scaled_dot_product_attention`).  ``requires_grad`` defaults to
+    whether any of q, k, v requires grad.
+    """
+    if len(args) == 1 and isinstance(args[0], Problem) and not kwargs:
+        problem, grad = args[0], bool(requires_grad)
+    else:
+        problem, grad = _lower_public_call(args, kwargs)
+        if requires_grad is not None:
+            grad = requires_grad
+    if problem is None:
+        return {name: ["the call is empty (a zero-size dimension): no backend runs"] for name in BACKEND_NAMES}
+    return {name: _reasons(get(name), problem, grad) for name in BACKEND_NAMES}
+
+
+def _lower_public_call(args, kwargs):
+    from . import functional  # lazily: functional imports this module
+
+    if "axis" in kwargs:
+        fn = "spatiotemporal_attention"
+    elif {"attn_mask", "is_causal", "dropout_p", "enable_gqa"} & set(kwargs):
+        fn = "scaled_dot_product_attention"
+    else:
+        fn = "attention"
+    unknown = sorted(set(kwargs) - set(_PUBLIC[fn]))
+    if unknown:
+        raise TypeError(f"explain() with {fn}'s arguments got unexpected keyword arguments {unknown}; "
+                        f"{fn} takes {list(_PUBLIC[fn])}")
+    if len(args) != 3:
+        raise TypeError(f"explain() takes a Problem or q, k, v (3 tensors), got {len(args)} positional "
+                        "arguments")
+    grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
+    return lower_call(lambda: getattr(functional, fn)(*args, **kwargs)), grad
+
+
+def lower_call(call, *, track_grad: bool = False) -> Problem | None:
+    """The :class:`Problem` a public call lowers to, validated as the call validates
+    it, without running any backend (None when the call never dispatches: an empty
+    problem).  ``track_grad`` keeps the problem's views in the caller's graph."""
+    _probe.append(None)
+    try:
+        with torch.set_grad_enabled(track_grad and torch.is_grad_enabled()):
+            call()
+    except _Probed:
+        return _probe[-1]
+    finally:
+        del _probe[:]
+    return None

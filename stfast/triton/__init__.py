@@ -72,6 +72,9 @@ class TritonBackend(Backend):
             reasons.append(f"mask must be bool or floating point, got {p.mask.dtype}")
         if max(p.lq, p.lk) > 16 * 65535:
             reasons.append(f"sequence lengths must be <= {16 * 65535}, got Lq={p.lq}, Lk={p.lk}")
+        launch = self._launcher()
+        if launch is not None and not reasons:
+            reasons += launch.resource_reasons(p, requires_grad, launch.device_target(p.device))
         return reasons
 
     def forward(self, problem: Problem, out5: torch.Tensor, lse5: torch.Tensor) -> None:

@@ -29,6 +29,14 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
+# Integer arguments that change with sequence length and batch shape.  The JIT would
+# otherwise compile a variant per value class (== 1, divisible by 16) of each.  None
+# of them sets the alignment of a q/k/v/o/dO tile (the LSE is read and written one
+# float per row), so their divisibility buys no vectorisation.  LQ_KEY/LK_KEY are the
+# bucketed lengths the autotuner keys on and are not read by the kernels.
+_LENGTHS = ["B1", "B2", "Lq", "Lk", "Mq", "Mk", "causal_off", "LQ_KEY", "LK_KEY", "sl0", "sl1", "sl2"]
+_PACKED_LENGTHS = ["B_total", "B1", "B2", "P", "Lq", "Lk", "causal_off", "sl0", "sl1", "sl2"]
+
 
 @triton.jit
 def _batch_offset(b0, b1, b2, s0, s1, s2):
@@ -114,6 +122,15 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, m_base, skl, svl, smq, smk, star
 
 
 @triton.jit
+def _query_tile(CAUSAL: tl.constexpr):
+    """Index of this program's query tile.  Causal tiles are launched longest first
+    (the last tile sees the most keys), so the short ones fill the tail of the grid."""
+    if CAUSAL:
+        return tl.num_programs(1) - 1 - tl.program_id(1)
+    return tl.program_id(1)
+
+
+@triton.jit
 def _causal_bounds(start_m, Lk, causal_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr):
     """Key range of a query tile: [0, lo) needs no mask, [lo, hi) does."""
@@ -128,16 +145,16 @@ def _causal_bounds(start_m, Lk, causal_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
     return lo, hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTHS)
 def _fwd_kernel(Q, K, V, O, LSE, MASK, PM, KVC, KVI, BT, PI,
                 sq0, sq1, sq2, sql, sk0, sk1, sk2, skl, sv0, sv1, sv2, svl,
                 so0, so1, so2, sol, sl0, sl1, sl2, sll, sm0, sm1, sm2, smq, smk,
-                hs0, hs1, hs2, B1, B2, Lq, Lk, D, DV, Mq, Mk, qk_scale, causal_off,
+                hs0, hs1, hs2, B1, B2, Lq, Lk, D, DV, Mq, Mk, qk_scale, causal_off, LQ_KEY, LK_KEY,
                 D_PAD: tl.constexpr, DV_PAD: tl.constexpr, LB: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     b0, b1, b2 = _split_batch(tl.program_id(0), B1, B2)
-    start_m = tl.program_id(1) * BLOCK_M
+    start_m = _query_tile(CAUSAL) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
@@ -183,7 +200,7 @@ def _fwd_kernel(Q, K, V, O, LSE, MASK, PM, KVC, KVI, BT, PI,
     tl.store(l_base + offs_m.to(tl.int64) * sll, lse, mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B1", "B2", "Lq"])
 def _bwd_preprocess(O, DO, DELTA, so0, so1, so2, sol, sd0, sd1, sd2, sdl, B1, B2, Lq, DV,
                     DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_b = tl.program_id(0)
@@ -234,18 +251,20 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, l_base, dl_base, m_base, sql, sdl,
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTHS + ["GROUPS"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, MASK, PM, QC, QI, BT, PI,
                      sq0, sq1, sq2, sql, sk0, sk1, sk2, skl, sv0, sv1, sv2, svl,
                      sd0, sd1, sd2, sdl, sl0, sl1, sl2, sll, sm0, sm1, sm2, smq, smk,
                      sdk0, sdk1, sdk2, sdkl, sdv0, sdv1, sdv2, sdvl,
                      hs0, hs1, hs2, B1, B2, GROUPS, Lq, Lk, D, DV, Mq, Mk, scale, qk_scale,
-                     causal_off,
+                     causal_off, LQ_KEY, LK_KEY,
                      D_PAD: tl.constexpr, DV_PAD: tl.constexpr, LB: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                      DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # With GQA (GROUPS = B2 > 1) the grid spans (B0, B1) only and each program sums
-    # over the B2 query heads that share its kv head.
+    # With GQA each program sums GROUPS consecutive query heads of the B2 that share
+    # its kv head (in a fixed order: deterministic) and writes slot b2 of DK/DV: the
+    # shared gradient itself when GROUPS = B2, else a partial sum that the launcher
+    # reduces.  Without GQA, GROUPS = 1 and b2 is the program's own head.
     b0, b1, b2 = _split_batch(tl.program_id(0), B1, B2 // GROUPS)
     start_n = tl.program_id(1) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -260,7 +279,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, MASK, PM, QC, QI, BT, PI,
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, DV_PAD], dtype=tl.float32)
     for g in range(0, GROUPS):
-        bq = b2 + g
+        bq = b2 * GROUPS + g
         q_base = Q + _batch_offset(b0, b1, bq, sq0, sq1, sq2)
         do_base = DO + _batch_offset(b0, b1, bq, sd0, sd1, sd2)
         l_base = LSE + _batch_offset(b0, b1, bq, sl0, sl1, sl2)
@@ -334,18 +353,18 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, m_base, skl, svl, smq, smk,
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTHS)
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, PM, KVC, KVI, BT, PI,
                    sq0, sq1, sq2, sql, sk0, sk1, sk2, skl, sv0, sv1, sv2, svl,
                    sd0, sd1, sd2, sdl, sl0, sl1, sl2, sll, sm0, sm1, sm2, smq, smk,
                    sdq0, sdq1, sdq2, sdql,
                    hs0, hs1, hs2, B1, B2, Lq, Lk, D, DV, Mq, Mk, scale, qk_scale, causal_off,
-                   D_PAD: tl.constexpr, DV_PAD: tl.constexpr, LB: tl.constexpr,
+                   LQ_KEY, LK_KEY, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, LB: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_b = tl.program_id(0)
     b0, b1, b2 = _split_batch(pid_b, B1, B2)
-    start_m = tl.program_id(1) * BLOCK_M
+    start_m = _query_tile(CAUSAL) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
@@ -412,7 +431,7 @@ def _packed_scores(MASK, q, k, slot_m, pos_m, ok_m, mb0, mb1, mb2, slot_n, pos_n
                    False, CAUSAL, HAS_MASK, MASK_BOOL, True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PACKED_LENGTHS)
 def _packed_fwd_kernel(Q, K, V, O, LSE, MASK,
                        sq0, sq1, sq2, sql, sk0, sk1, sk2, skl, sv0, sv1, sv2, svl,
                        so0, so1, so2, sol, sl0, sl1, sl2, sll, sm0, sm1, sm2, smq, smk,
@@ -448,7 +467,7 @@ def _packed_fwd_kernel(Q, K, V, O, LSE, MASK,
     tl.store(LSE + _batch_offset(qb0, qb1, qb2, sl0, sl1, sl2) + rows_m * sll, lse, mask=ok_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PACKED_LENGTHS)
 def _packed_bwd_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV_, MASK,
                        sq0, sq1, sq2, sql, sk0, sk1, sk2, skl, sv0, sv1, sv2, svl,
                        so0, so1, so2, sol, sd0, sd1, sd2, sdl, sl0, sl1, sl2, sll,
