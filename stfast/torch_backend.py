@@ -1,0 +1,435 @@
+"""The ``torch`` backend: exact attention in plain PyTorch ops, the CPU default and the
+fallback for whatever a kernel backend refuses.
+
+* Dense, causal and spatio-temporal problems run ``F.scaled_dot_product_attention``
+  on the lowered views.
+* Block-sparse problems compute only their active blocks, never an ``L x L`` mask or
+  score matrix, and issue few, large operations per call: query blocks are grouped by
+  how many key blocks they see, each group's visibility is built once, and each chunk
+  of a group is one gather, one batched matmul, one masked softmax and one matmul.
+  On a busy CPU every operation ends in a parallel region whose threads wait for each
+  other; many small operations (one per block row) turn each descheduled thread into a
+  stall, so the count of operations, not their size, sets the time under load.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .backends import Backend
+from .lowering import Problem, from5
+
+# Block-sparse work per operation: gathered key elements of one chunk (16 MiB in float32)
+# and mask elements of one slice.  Large enough that a call is a few dozen operations,
+# small enough that they stay far below a dense L x L mask.
+_GATHER_ELEMENTS = 1 << 22
+_MASK_ELEMENTS = 1 << 22
+# Rows of query x key elements whose LSE one dense chunk computes at once.
+_LSE_ELEMENTS = 1 << 22
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    differentiable = True
+
+    def run(self, problem: Problem, need_lse: bool):
+        if problem.layout is not None:
+            out5, lse5 = _block_sparse(problem, need_lse)
+        else:
+            out5 = _dense_sdpa(problem)
+            lse5 = _dense_lse(problem) if need_lse else None
+        return from5(out5, problem.kind), lse5
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _causal_visible(causal: str | None, q_pos: torch.Tensor, k_pos: torch.Tensor, lq: int, lk: int):
+    """Bool ``[..., |q_pos|, |k_pos|]``: which keys the causal rule lets each query see."""
+    offset = lk - lq if causal == "bottom_right" else 0
+    return k_pos[..., None, :] <= q_pos[..., :, None] + offset
+
+
+def _mergeable(t: torch.Tensor, dim: int) -> bool:
+    """Whether dims ``dim`` and ``dim + 1`` of ``t`` merge into one without a copy
+    (decided from strides, so torch.compile traces it without a try/except)."""
+    outer, inner = t.shape[dim], t.shape[dim + 1]
+    return outer == 1 or inner == 1 or t.stride(dim) == t.stride(dim + 1) * inner
+
+
+def _flatten_batch(t5: torch.Tensor, merge: int) -> torch.Tensor:
+    """``[B0, B1, B2, ...]`` -> 4-D for SDPA by merging the batch pair starting at
+    dim ``merge``; a view when the strides allow, else a copy that keeps the other
+    stride-0 (broadcast) batch dim at size 1."""
+    if _mergeable(t5, merge):
+        return t5.flatten(merge, merge + 1)
+    rest = 2 if merge == 0 else 0
+    t = t5.narrow(rest, 0, 1) if t5.stride(rest) == 0 else t5
+    return t.flatten(merge, merge + 1)
+
+
+def _dense_visibility(p: Problem) -> tuple[torch.Tensor | None, bool]:
+    """The SDPA mask of a dense problem and whether SDPA's own ``is_causal`` applies
+    (it is top-left, which bottom-right equals when Lq == Lk)."""
+    if p.causal is None:
+        return p.mask, False
+    if p.mask is None and (p.causal == "top_left" or p.lq == p.lk):
+        return None, True
+    c = _causal_visible(p.causal, torch.arange(p.lq, device=p.device),
+                        torch.arange(p.lk, device=p.device), p.lq, p.lk)
+    return (c if p.mask is None else _combine(p.mask, c)), False
+
+
+def _combine(mask: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask & visible
+    return mask.masked_fill(~visible, float("-inf"))
+
+
+def _dense_sdpa(p: Problem) -> torch.Tensor:
+    mask, is_causal = _dense_visibility(p)
+    dead = None
+    if mask is not None:
+        # SDPA gives NaN for a row that sees no key; let such rows see every key
+        # (finite, harmless) and zero them, so outputs and gradients stay 0.  No
+        # data-dependent branch, so torch.compile traces it whole.
+        dead = ~(mask.any(-1, keepdim=True) if mask.dtype == torch.bool else
+                 (mask > float("-inf")).any(-1, keepdim=True))
+        mask = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
+        if mask.dtype != torch.bool:
+            mask = mask.to(p.dtype)
+    merge = 0 if _mergeable(p.q, 0) else 1
+    if mask is not None:
+        mask = _flatten_batch(mask.expand(*p.batch, p.lq, p.lk), merge)
+    q, k, v = (_flatten_batch(t, merge) for t in (p.q, p.k, p.v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=p.scale)
+    out = out.view(*p.batch, p.lq, p.v_dim)
+    if dead is not None:
+        out = out.masked_fill(dead.expand(*p.batch, p.lq, 1), 0.0)
+    return out
+
+
+def _dense_lse(p: Problem) -> torch.Tensor:
+    """Log-sum-exp of a dense problem, a chunk of query rows at a time."""
+    rows = max(1, _LSE_ELEMENTS // max(1, math.prod(p.batch) * p.lk))
+    compute = _compute_dtype(p.dtype)
+    chunks = []
+    for start in range(0, p.lq, rows):
+        sl = slice(start, min(start + rows, p.lq))
+        scores = (p.q[..., sl, :].to(compute) @ p.k.to(compute).transpose(-1, -2)) * p.scale
+        valid = None
+        if p.mask is not None:
+            if p.mask.dtype == torch.bool:
+                valid = p.mask[..., sl, :]
+            else:
+                scores = scores + p.mask[..., sl, :].to(compute)
+        if p.causal:
+            c = _causal_visible(p.causal, torch.arange(sl.start, sl.stop, device=p.device),
+                                torch.arange(p.lk, device=p.device), p.lq, p.lk)
+            valid = c if valid is None else valid & c
+        chunks.append(_masked_lse(scores, valid))
+    return torch.cat(chunks, -1)
+
+
+def _masked_lse(scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Log-sum-exp over the last dim of the valid scores: -inf where none is valid,
+    with finite gradients everywhere."""
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    m = scores.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    denom = torch.exp(scores - m).sum(-1, keepdim=True)
+    empty = denom == 0
+    lse = m + torch.log(torch.where(empty, torch.ones_like(denom), denom))
+    return torch.where(empty, float("-inf"), lse).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------
+# Block-sparse
+
+
+def _block_sparse(p: Problem, need_lse: bool):
+    lay = p.layout
+    b = lay.block
+    mq, mk = lay.block_type.shape[-2:]
+    k_base, v_base, kv_batch = _unbroadcast_kv(p)
+    q = _as_blocks(p.q, mq, b)
+    k, v = _as_blocks(k_base, mk, b), _as_blocks(v_base, mk, b)
+    plan = _Plan(p, kv_batch)
+    out, lse = _BlockSparseAttention.apply(plan, need_lse, q, k, v)
+    out = out.flatten(1, 2)[:, :p.lq].to(p.dtype).view(*p.batch, p.lq, p.v_dim)
+    return out, (lse.flatten(1, 2)[:, :p.lq].view(*p.batch, p.lq) if need_lse else None)
+
+
+def _unbroadcast_kv(p: Problem):
+    """k and v without the batch dims they share by stride 0 (GQA), so they are
+    neither copied per query head nor summed back in the backward, and their batch
+    shape."""
+    k, v = p.k, p.v
+    for dim in range(3):
+        if k.shape[dim] > 1 and k.stride(dim) == 0 and v.stride(dim) == 0:
+            k, v = k.narrow(dim, 0, 1), v.narrow(dim, 0, 1)
+    return k, v, tuple(k.shape[:3])
+
+
+def _as_blocks(t5: torch.Tensor, blocks: int, b: int) -> torch.Tensor:
+    """``[B0, B1, B2, L, D]`` -> ``[nb, blocks, b, D]``, padding L only when it is not a
+    multiple of the block (and copying only when the strides need it)."""
+    t = t5.reshape(-1, t5.shape[3], t5.shape[4])
+    if blocks * b != t.shape[1]:
+        t = F.pad(t, (0, 0, 0, blocks * b - t.shape[1]))
+    return t.view(t.shape[0], blocks, b, -1)
+
+
+class _Plan:
+    """How a block-sparse call is cut into operations, decided from Python ints only
+    (no device sync, and torch.compile traces it as constants).
+
+    Query blocks are grouped by how many key blocks they see, so a few dense rows
+    (BigBird's global blocks) do not make every row gather as many; each group is cut
+    into slices whose mask is built once, and each slice into chunks of (batch rows,
+    query blocks) whose gathered keys fill about ``_GATHER_ELEMENTS``.
+    """
+
+    def __init__(self, p: Problem, kv_batch: tuple[int, int, int]):
+        self.p = p
+        lay = p.layout
+        b = lay.block
+        self.nb = math.prod(p.batch)
+        self.kv_batch = kv_batch
+        self.mask_per_batch = p.mask is not None and any(
+            size > 1 and stride != 0 for size, stride in zip(p.mask.shape[:3], p.mask.stride()[:3]))
+        layout_heads = lay.block_type.shape[0]
+        counts = lay.row_counts
+        order = sorted(range(len(counts)), key=counts.__getitem__)
+        self.slices = []  # (query blocks, gathered key blocks n, [(b0, b1, i0, i1), ...])
+        start = 0
+        while start < len(order):
+            # Grow the group while padding every row to the group's largest count wastes
+            # at most a quarter of its work.
+            stop = start + 1
+            while stop < len(order) and counts[order[stop]] * 4 <= max(1, counts[order[start]]) * 5:
+                stop += 1
+            n = max(1, counts[order[stop - 1]])
+            group = sorted(order[start:stop])
+            per_slice = max(1, _MASK_ELEMENTS // (b * n * b * layout_heads))
+            for s0 in range(0, len(group), per_slice):
+                qblocks = group[s0:s0 + per_slice]
+                self.slices.append((qblocks, n, self._chunks(len(qblocks), n * b * p.head_dim)))
+            start = stop
+
+    def _chunks(self, c: int, row: int):
+        rows = max(1, _GATHER_ELEMENTS // row)
+        if rows >= c and not self.mask_per_batch:  # whole slices, several batch rows at once
+            per = rows // c
+            return [(b0, min(self.nb, b0 + per), 0, c) for b0 in range(0, self.nb, per)]
+        # One batch row at a time (always when the user mask differs per batch row).
+        return [(b0, b0 + 1, i0, min(c, i0 + rows)) for b0 in range(self.nb) for i0 in range(0, c, rows)]
+
+
+class _Slice:
+    """Query blocks ``qblocks`` with their first ``n`` key blocks: the gather indices
+    and the additive mask (0 visible, -inf hidden, or the user's value), built once
+    and shared by every chunk of the slice."""
+
+    def __init__(self, plan: _Plan, qblocks: list[int], n: int, device, batch_row: int | None):
+        p = plan.p
+        lay = p.layout
+        self.heads = lay.head_index(p.batch, device).flatten()
+        self.per_head = lay.block_type.shape[0] > 1
+        self.kv_rows = (torch.arange(math.prod(plan.kv_batch), device=device)
+                        .view(plan.kv_batch).expand(p.batch).flatten())
+        first = qblocks[0]
+        self.contiguous = qblocks == list(range(first, first + len(qblocks)))
+        self.qblocks = torch.tensor(qblocks, device=device)
+        self.first = first
+        self.kv_idx = lay.kv_indices[:, self.qblocks, :n].long()  # [layout heads, c, n]
+        self.bias, self.dead = _bias(p, self.qblocks, self.kv_idx, n, batch_row)
+
+    def rows(self, t: torch.Tensor, b0: int, b1: int, i0: int, i1: int) -> torch.Tensor:
+        """The chunk's query blocks of ``t`` ``[nb, M, ...]``."""
+        if self.contiguous:
+            return t[b0:b1, self.first + i0:self.first + i1]
+        return t[b0:b1, self.qblocks[i0:i1]]
+
+    def put(self, dest: torch.Tensor, b0: int, b1: int, i0: int, i1: int, rows: torch.Tensor) -> None:
+        if self.contiguous:
+            dest[b0:b1, self.first + i0:self.first + i1] = rows
+        else:
+            dest[b0:b1].index_copy_(1, self.qblocks[i0:i1], rows)
+
+    def index(self, b0: int, b1: int, i0: int, i1: int) -> torch.Tensor:
+        """``[R|1, c, n]`` key blocks gathered by each query block of the chunk."""
+        if self.per_head:
+            return self.kv_idx[self.heads[b0:b1, None], torch.arange(i0, i1, device=self.heads.device)]
+        return self.kv_idx[:, i0:i1]
+
+    def of_chunk(self, t: torch.Tensor, b0: int, b1: int, i0: int, i1: int) -> torch.Tensor:
+        """The chunk's part of a per-layout-head slice tensor (the mask, the dead rows)."""
+        if t.shape[0] == 1:
+            return t[:, i0:i1]
+        return t[self.heads[b0:b1, None], torch.arange(i0, i1, device=t.device)]
+
+    def gather(self, k, v, b0, b1, i0, i1):
+        """The chunk's keys and values ``[R, c, n*b, D]``, the rows of their blocks in
+        ``[nb_kv * M, b, D]``, and the chunk's mask."""
+        idx = self.index(b0, b1, i0, i1)
+        mk, b = k.shape[1], k.shape[2]
+        # Rows of the flat [nb_kv * M, b * D] view: index_select copies whole blocks.
+        flat = (self.kv_rows[b0:b1, None, None] * mk + idx).flatten()
+        shape = (b1 - b0, idx.shape[1], idx.shape[2] * b)
+        kg = k.reshape(-1, b * k.shape[-1]).index_select(0, flat).view(*shape, k.shape[-1])
+        vg = v.reshape(-1, b * v.shape[-1]).index_select(0, flat).view(*shape, v.shape[-1])
+        return kg, vg, flat, self.of_chunk(self.bias, b0, b1, i0, i1)
+
+
+def _bias(p: Problem, qblocks: torch.Tensor, kv_idx: torch.Tensor, n: int, batch_row: int | None):
+    """``(bias [Hl, c, b, n*b], dead [Hl, c, b, 1])``: the additive mask of the gathered
+    key slots of ``qblocks`` (-inf for skipped or padding slots, outside a partial
+    block's mask, past Lk, causal, hidden by the user's mask; else the user's additive
+    value or 0), and the query rows that see no key.  The user mask is taken at
+    ``batch_row`` (batch 0 when it is the same for every batch element)."""
+    lay = p.layout
+    b = lay.block
+    dev = qblocks.device
+    heads = torch.arange(lay.block_type.shape[0], device=dev)[:, None, None]
+    slot_ok = torch.arange(n, device=dev) < lay.kv_counts[:, qblocks, None]
+    btype = lay.block_type[heads, qblocks[None, :, None], kv_idx]  # [Hl, c, n]
+    q_pos = qblocks[:, None] * b + torch.arange(b, device=dev)  # [c, b]
+    k_pos = kv_idx[..., None] * b + torch.arange(b, device=dev)  # [Hl, c, n, b]
+    visible = (slot_ok & (btype > 0))[:, :, None, :, None] & (k_pos < p.lk)[:, :, None]
+    if lay.partial_masks.shape[0]:
+        pidx = lay.partial_index[heads, qblocks[None, :, None], kv_idx]
+        pm = torch.cat([lay.partial_masks, torch.ones(1, b, b, dtype=torch.bool, device=dev)])
+        elem = pm[torch.where(btype == 2, pidx, pm.shape[0] - 1).long()]  # [Hl, c, n, bq, bk]
+        visible = visible & elem.permute(0, 1, 3, 2, 4)
+    if p.causal:
+        offset = p.lk - p.lq if p.causal == "bottom_right" else 0
+        visible = visible & (k_pos[:, :, None] <= q_pos[None, :, :, None, None] + offset)
+    compute = _compute_dtype(p.dtype)
+    bias = torch.zeros((), dtype=compute, device=dev)
+    if p.mask is not None:
+        _, s1, s2 = p.batch
+        r = batch_row or 0
+        m = p.mask[r // (s1 * s2), (r // s2) % s1, r % s2]
+        m = m[q_pos.clamp(max=p.lq - 1)[None, :, :, None, None], k_pos.clamp(max=p.lk - 1)[:, :, None]]
+        if m.dtype == torch.bool:
+            visible = visible & m
+        else:
+            bias = m.to(compute)
+            visible = visible & (m > float("-inf"))
+    visible = visible.flatten(-2)
+    visible = visible.expand(*visible.shape[:2], b, visible.shape[-1])
+    bias = torch.where(visible, bias.flatten(-2) if bias.dim() else bias, float("-inf"))
+    return bias, ~visible.any(-1, keepdim=True)
+
+
+def _slices(plan: _Plan, device):
+    """Each slice of the plan with the chunks it serves."""
+    for qblocks, n, chunks in plan.slices:
+        if plan.mask_per_batch:
+            for b0 in range(plan.nb):
+                yield _Slice(plan, qblocks, n, device, b0), [c for c in chunks if c[0] == b0]
+        else:
+            yield _Slice(plan, qblocks, n, device, None), chunks
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    """Block-sparse attention over ``[nb, M, b, D]`` blocks (k, v: ``[nb_kv, M, b, D]``).
+
+    Each chunk is one attention over ``[R, c]`` query blocks of ``b`` rows against their
+    gathered ``n * b`` keys with the slice's additive mask: on the CPU one call of
+    PyTorch's flash kernel (forward and backward, one parallel region each), elsewhere
+    the same math in a few batched operations.  Softmax in float32 (float64 for float64
+    inputs).  The backward recomputes from the saved LSE and scatters dk/dv into one
+    buffer, so memory stays O(L) beyond inputs and outputs.
+    """
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, need_lse: bool, q, k, v):
+        flash = q.device.type == "cpu"
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
+        lse = q.new_empty(q.shape[:3], dtype=_compute_dtype(q.dtype))
+        for sl, chunks in _slices(plan, q.device):
+            for b0, b1, i0, i1 in chunks:
+                kg, vg, _, bias = sl.gather(k, v, b0, b1, i0, i1)
+                qc = sl.rows(q, b0, b1, i0, i1)
+                if flash:
+                    o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                        qc, kg, vg, attn_mask=bias, scale=plan.p.scale)
+                else:
+                    o, l = _math_attend(qc, kg, vg, bias, sl.of_chunk(sl.dead, b0, b1, i0, i1), plan.p.scale)
+                sl.put(out, b0, b1, i0, i1, o)
+                sl.put(lse, b0, b1, i0, i1, l.to(lse.dtype))
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse)
+        public = None
+        if need_lse:
+            # Rows that see no key: the kernel leaves their LSE finite; the API says -inf.
+            public = torch.empty_like(lse, dtype=torch.float32)
+            for sl, chunks in _slices(plan, q.device):
+                for b0, b1, i0, i1 in chunks:
+                    dead = sl.of_chunk(sl.dead, b0, b1, i0, i1).squeeze(-1)
+                    sl.put(public, b0, b1, i0, i1, sl.rows(lse, b0, b1, i0, i1).masked_fill(dead, float("-inf")))
+        else:
+            public = lse.new_empty(0)
+        ctx.mark_non_differentiable(public)
+        return out, public
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        plan = ctx.plan
+        q, k, v, out, lse = ctx.saved_tensors
+        flash = q.device.type == "cpu"
+        acc = _compute_dtype(q.dtype)
+        dq = torch.empty_like(q)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        b = k.shape[2]
+        dk_rows, dv_rows = dk.view(-1, b, k.shape[-1]), dv.view(-1, b, v.shape[-1])
+        delta = None if flash else (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True)
+        for sl, chunks in _slices(plan, q.device):
+            for b0, b1, i0, i1 in chunks:
+                kg, vg, dest, bias = sl.gather(k, v, b0, b1, i0, i1)
+                qc, doc = sl.rows(q, b0, b1, i0, i1), sl.rows(dout, b0, b1, i0, i1)
+                if flash:
+                    dqc, dkg, dvg = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                        doc, qc, kg, vg, sl.rows(out, b0, b1, i0, i1), sl.rows(lse, b0, b1, i0, i1),
+                        0.0, False, attn_mask=bias, scale=plan.p.scale)
+                else:
+                    dqc, dkg, dvg = _math_backward(qc, kg, vg, bias, sl.of_chunk(sl.dead, b0, b1, i0, i1),
+                                                   doc, sl.rows(delta, b0, b1, i0, i1), plan.p.scale)
+                sl.put(dq, b0, b1, i0, i1, dqc)
+                dk_rows.index_add_(0, dest, dkg.reshape(-1, b, k.shape[-1]).to(acc))
+                dv_rows.index_add_(0, dest, dvg.reshape(-1, b, v.shape[-1]).to(acc))
+        return None, None, dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _math_probs(q, kg, bias, dead, scale):
+    """Softmax of the masked scores in the compute dtype; rows that see no key see every
+    slot instead (finite) and are zeroed by the caller."""
+    acc = bias.dtype
+    s = torch.matmul(q.to(acc), kg.to(acc).transpose(-1, -2)).mul_(scale).add_(bias)
+    return torch.softmax(s.masked_fill_(dead, 0.0), -1), s
+
+
+def _math_attend(q, kg, vg, bias, dead, scale):
+    probs, s = _math_probs(q, kg, bias, dead, scale)
+    out = (probs @ vg.to(bias.dtype)).masked_fill_(dead, 0.0)
+    return out.to(q.dtype), torch.logsumexp(s, -1)
+
+
+def _math_backward(q, kg, vg, bias, dead, dout, delta, scale):
+    acc = bias.dtype
+    probs, _ = _math_probs(q, kg, bias, dead, scale)
+    do = dout.to(acc).masked_fill(dead, 0.0)
+    dv = probs.transpose(-1, -2) @ do
+    ds = (do @ vg.to(acc).transpose(-1, -2)).sub_(delta).mul_(probs)
+    return (ds @ kg.to(acc)).mul_(scale).to(q.dtype), (ds.transpose(-1, -2) @ q.to(acc)).mul_(scale), dv
+
+
+BACKEND = TorchBackend()
