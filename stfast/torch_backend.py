@@ -73,15 +73,27 @@ def _flatten_batch(t5: torch.Tensor, merge: int) -> torch.Tensor:
 
 
 def _dense_visibility(p: Problem) -> tuple[torch.Tensor | None, bool]:
-    """The SDPA mask of a dense problem and whether SDPA's own ``is_causal`` applies
-    (it is top-left, which bottom-right equals when Lq == Lk)."""
+    """The SDPA mask of a dense problem (its broadcast dims kept at size 1) and
+    whether SDPA's own ``is_causal`` applies (top-left; bottom-right problems are
+    shifted to top-left by :func:`_dense_sdpa`, never turned into a mask)."""
+    mask = None if p.mask is None else _compact(p.mask)
     if p.causal is None:
-        return p.mask, False
-    if p.mask is None and (p.causal == "top_left" or p.lq == p.lk):
+        return mask, False
+    if mask is None:
         return None, True
     c = _causal_visible(p.causal, torch.arange(p.lq, device=p.device),
                         torch.arange(p.lk, device=p.device), p.lq, p.lk)
-    return (c if p.mask is None else _combine(p.mask, c)), False
+    return _combine(mask, c), False
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with each broadcast (stride-0) dim narrowed to size 1, so that what is
+    computed from it, and SDPA's own conversion of it, stays the size of the user's
+    mask instead of growing with the batch."""
+    for dim in range(t.dim()):
+        if t.shape[dim] > 1 and t.stride(dim) == 0:
+            t = t.narrow(dim, 0, 1)
+    return t
 
 
 def _combine(mask: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -91,6 +103,8 @@ def _combine(mask: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_sdpa(p: Problem) -> torch.Tensor:
+    if p.causal == "bottom_right" and p.mask is None and p.lq != p.lk:
+        return _bottom_right(p)
     mask, is_causal = _dense_visibility(p)
     dead = None
     if mask is not None:
@@ -104,48 +118,59 @@ def _dense_sdpa(p: Problem) -> torch.Tensor:
             mask = mask.to(p.dtype)
     merge = 0 if _mergeable(p.q, 0) else 1
     if mask is not None:
-        mask = _flatten_batch(mask.expand(*p.batch, p.lq, p.lk), merge)
+        if mask.shape[merge:merge + 2] != (1, 1):
+            mask = mask.expand(*mask.shape[:merge], *p.batch[merge:merge + 2], *mask.shape[merge + 2:])
+        mask = _flatten_batch(mask, merge)
     q, k, v = (_flatten_batch(t, merge) for t in (p.q, p.k, p.v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=p.scale)
-    out = out.view(*p.batch, p.lq, p.v_dim)
+    out = _nan_rows(out.view(*p.batch, p.lq, p.v_dim), p.q)
     if dead is not None:
         out = out.masked_fill(dead.expand(*p.batch, p.lq, 1), 0.0)
     return out
 
 
+def _nan_rows(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """A query row holding NaN gives NaN, as every backend does (PyTorch's CPU flash
+    kernel writes zeros for a row whose scores are all NaN)."""
+    return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))
+
+
+def _bottom_right(p: Problem) -> torch.Tensor:
+    """Bottom-right causal attention (query i sees keys j <= i + Lk - Lq) as SDPA's
+    top-left ``is_causal``, never a mask: with Lq > Lk the first Lq - Lk rows see no
+    key (zeros) and the rest is top-left causal; with Lq < Lk the queries are placed
+    after Lk - Lq zero rows whose outputs are dropped (O(Lk * D) memory, extra work
+    only for those rows)."""
+    shift = p.lk - p.lq
+    if shift < 0:
+        inner = _dense_sdpa(Problem(p.kind, p.q[..., -shift:, :], p.k, p.v, p.scale, "top_left"))
+        return torch.cat([inner.new_zeros(*p.batch, -shift, p.v_dim), inner], -2)
+    pad = p.q.new_zeros(*p.batch, shift, p.head_dim)
+    full = _dense_sdpa(Problem(p.kind, torch.cat([pad, p.q], -2), p.k, p.v, p.scale, "top_left"))
+    return full[..., shift:, :]
+
+
 def _dense_lse(p: Problem) -> torch.Tensor:
-    """Log-sum-exp of a dense problem, a chunk of query rows at a time."""
+    """Log-sum-exp of a dense problem, a chunk of query rows at a time: float32 for
+    every input dtype, and no gradient, as from every other backend."""
     rows = max(1, _LSE_ELEMENTS // max(1, math.prod(p.batch) * p.lk))
     compute = _compute_dtype(p.dtype)
     chunks = []
-    for start in range(0, p.lq, rows):
-        sl = slice(start, min(start + rows, p.lq))
-        scores = (p.q[..., sl, :].to(compute) @ p.k.to(compute).transpose(-1, -2)) * p.scale
-        valid = None
-        if p.mask is not None:
-            if p.mask.dtype == torch.bool:
-                valid = p.mask[..., sl, :]
-            else:
-                scores = scores + p.mask[..., sl, :].to(compute)
-        if p.causal:
-            c = _causal_visible(p.causal, torch.arange(sl.start, sl.stop, device=p.device),
-                                torch.arange(p.lk, device=p.device), p.lq, p.lk)
-            valid = c if valid is None else valid & c
-        chunks.append(_masked_lse(scores, valid))
+    with torch.no_grad():
+        for start in range(0, p.lq, rows):
+            sl = slice(start, min(start + rows, p.lq))
+            scores = (p.q[..., sl, :].to(compute) @ p.k.to(compute).transpose(-1, -2)) * p.scale
+            if p.mask is not None:
+                if p.mask.dtype == torch.bool:
+                    scores = scores.masked_fill(~p.mask[..., sl, :], float("-inf"))
+                else:
+                    scores = scores + p.mask[..., sl, :].to(compute)
+            if p.causal:
+                c = _causal_visible(p.causal, torch.arange(sl.start, sl.stop, device=p.device),
+                                    torch.arange(p.lk, device=p.device), p.lq, p.lk)
+                scores = scores.masked_fill(~c, float("-inf"))
+            chunks.append(torch.logsumexp(scores, -1).float())
     return torch.cat(chunks, -1)
-
-
-def _masked_lse(scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Log-sum-exp over the last dim of the valid scores: -inf where none is valid,
-    with finite gradients everywhere."""
-    if valid is not None:
-        scores = scores.masked_fill(~valid, float("-inf"))
-    m = scores.amax(-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    denom = torch.exp(scores - m).sum(-1, keepdim=True)
-    empty = denom == 0
-    lse = m + torch.log(torch.where(empty, torch.ones_like(denom), denom))
-    return torch.where(empty, float("-inf"), lse).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------
@@ -351,7 +376,7 @@ class _BlockSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: _Plan, need_lse: bool, q, k, v):
-        flash = q.device.type == "cpu"
+        flash = _flash_kernel(q.device)
         out = q.new_empty(*q.shape[:3], v.shape[-1])
         lse = q.new_empty(q.shape[:3], dtype=_compute_dtype(q.dtype))
         for sl, chunks in _slices(plan, q.device):
@@ -384,7 +409,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         plan = ctx.plan
         q, k, v, out, lse = ctx.saved_tensors
-        flash = q.device.type == "cpu"
+        flash = _flash_kernel(q.device)
         acc = _compute_dtype(q.dtype)
         dq = torch.empty_like(q)
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
@@ -407,6 +432,12 @@ class _BlockSparseAttention(torch.autograd.Function):
                 dk_rows.index_add_(0, dest, dkg.reshape(-1, b, k.shape[-1]).to(acc))
                 dv_rows.index_add_(0, dest, dvg.reshape(-1, b, v.shape[-1]).to(acc))
         return None, None, dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _flash_kernel(device: torch.device) -> bool:
+    """Whether PyTorch's CPU flash kernel (with an additive mask, forward and backward)
+    runs the chunks; elsewhere the same math runs as batched operations."""
+    return device.type == "cpu"
 
 
 def _math_probs(q, kg, bias, dead, scale):
