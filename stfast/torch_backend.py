@@ -226,6 +226,7 @@ class _Plan:
         b = lay.block
         self.nb = math.prod(p.batch)
         self.kv_batch = kv_batch
+        self.kv_per_row = math.prod(kv_batch) == self.nb  # no GQA sharing: rows map 1:1
         self.mask_per_batch = p.mask is not None and any(
             size > 1 and stride != 0 for size, stride in zip(p.mask.shape[:3], p.mask.stride()[:3]))
         layout_heads = lay.block_type.shape[0]
@@ -240,11 +241,15 @@ class _Plan:
             while stop < len(order) and counts[order[stop]] * 4 <= max(1, counts[order[start]]) * 5:
                 stop += 1
             n = max(1, counts[order[stop - 1]])
-            group = sorted(order[start:stop])
             per_slice = max(1, _MASK_ELEMENTS // (b * n * b * layout_heads))
-            for s0 in range(0, len(group), per_slice):
-                qblocks = group[s0:s0 + per_slice]
-                self.slices.append((qblocks, n, self._chunks(len(qblocks), n * b * p.head_dim)))
+            # The rows that see exactly n blocks apart from the padded ones: a sliding
+            # window's interior then forms one run of consecutive query blocks.
+            widest = sorted(i for i in order[start:stop] if counts[i] == n)
+            padded = sorted(i for i in order[start:stop] if counts[i] != n)
+            for group in (widest, padded):
+                for s0 in range(0, len(group), per_slice):
+                    qblocks = group[s0:s0 + per_slice]
+                    self.slices.append((qblocks, n, self._chunks(len(qblocks), n * b * p.head_dim)))
             start = stop
 
     def _chunks(self, c: int, row: int):
@@ -274,6 +279,9 @@ class _Slice:
         self.first = first
         self.kv_idx = lay.kv_indices[:, self.qblocks, :n].long()  # [layout heads, c, n]
         self.bias, self.dead = _bias(p, self.qblocks, self.kv_idx, n, batch_row)
+        self.n = n
+        self.band = _band_start(self.kv_idx, lay.block_type.shape[-1]) \
+            if plan.kv_per_row and self.contiguous and _flash_kernel(device) else None
 
     def rows(self, t: torch.Tensor, b0: int, b1: int, i0: int, i1: int) -> torch.Tensor:
         """The chunk's query blocks of ``t`` ``[nb, M, ...]``."""
@@ -299,17 +307,42 @@ class _Slice:
             return t[:, i0:i1]
         return t[self.heads[b0:b1, None], torch.arange(i0, i1, device=t.device)]
 
+    def window(self, t: torch.Tensor, b0: int, b1: int, i0: int, i1: int) -> torch.Tensor:
+        """``[R, c, n*b, D]`` overlapping windows of ``t`` ``[nb, M, b, D]``: query block
+        ``i`` of a banded slice sees key blocks ``band + i .. band + i + n - 1``, so its
+        keys are a strided view and nothing is copied."""
+        s0, s1, s2, s3 = t.stride()
+        return t.as_strided((b1 - b0, i1 - i0, self.n * t.shape[2], t.shape[3]), (s0, s1, s2, s3),
+                            t.storage_offset() + b0 * s0 + (self.band + i0) * s1)
+
     def gather(self, k, v, b0, b1, i0, i1):
         """The chunk's keys and values ``[R, c, n*b, D]``, the rows of their blocks in
         ``[nb_kv * M, b, D]``, and the chunk's mask."""
         idx = self.index(b0, b1, i0, i1)
         mk, b = k.shape[1], k.shape[2]
-        # Rows of the flat [nb_kv * M, b * D] view: index_select copies whole blocks.
         flat = (self.kv_rows[b0:b1, None, None] * mk + idx).flatten()
+        bias = self.of_chunk(self.bias, b0, b1, i0, i1)
+        if self.band is not None:
+            return self.window(k, b0, b1, i0, i1), self.window(v, b0, b1, i0, i1), flat, bias
+        # Rows of the flat [nb_kv * M, b * D] view: index_select copies whole blocks.
         shape = (b1 - b0, idx.shape[1], idx.shape[2] * b)
         kg = k.reshape(-1, b * k.shape[-1]).index_select(0, flat).view(*shape, k.shape[-1])
         vg = v.reshape(-1, b * v.shape[-1]).index_select(0, flat).view(*shape, v.shape[-1])
-        return kg, vg, flat, self.of_chunk(self.bias, b0, b1, i0, i1)
+        return kg, vg, flat, bias
+
+
+def _band_start(kv_idx: torch.Tensor, mk: int) -> int | None:
+    """The first key block of a slice whose query blocks each see ``n`` consecutive key
+    blocks, one further per query block (a sliding window), else None.  Read on the
+    host (CPU tensors: no device sync); never while tracing, where the gather serves."""
+    if kv_idx.shape[0] != 1 or torch.compiler.is_compiling():
+        return None
+    c, n = kv_idx.shape[1:]
+    start = int(kv_idx[0, 0, 0])
+    band = start + torch.arange(c, device=kv_idx.device)[:, None] + torch.arange(n, device=kv_idx.device)
+    if start + c - 1 + n > mk or not torch.equal(kv_idx[0], band):
+        return None
+    return start
 
 
 def _bias(p: Problem, qblocks: torch.Tensor, kv_idx: torch.Tensor, n: int, batch_row: int | None):
@@ -380,6 +413,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         out = q.new_empty(*q.shape[:3], v.shape[-1])
         lse = q.new_empty(q.shape[:3], dtype=_compute_dtype(q.dtype))
         for sl, chunks in _slices(plan, q.device):
+            if sl.band is not None:  # nothing gathered: the whole slice at once
+                chunks = [(0, plan.nb, 0, len(sl.qblocks))]
             for b0, b1, i0, i1 in chunks:
                 kg, vg, _, bias = sl.gather(k, v, b0, b1, i0, i1)
                 qc = sl.rows(q, b0, b1, i0, i1)
