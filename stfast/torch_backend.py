@@ -2,14 +2,25 @@
 fallback for whatever a kernel backend refuses.
 
 * Dense, causal and spatio-temporal problems run ``F.scaled_dot_product_attention``
-  on the lowered views.
+  on the lowered views.  A user's mask reaches SDPA at its own size (broadcast dims
+  of size 1), bottom-right causal runs as SDPA's top-left ``is_causal`` on shifted
+  rows: nothing grows as ``Lq x Lk`` beyond the user's own mask.
 * Block-sparse problems compute only their active blocks, never an ``L x L`` mask or
   score matrix, and issue few, large operations per call: query blocks are grouped by
-  how many key blocks they see, each group's visibility is built once, and each chunk
-  of a group is one gather, one batched matmul, one masked softmax and one matmul.
-  On a busy CPU every operation ends in a parallel region whose threads wait for each
-  other; many small operations (one per block row) turn each descheduled thread into a
-  stall, so the count of operations, not their size, sets the time under load.
+  how many key blocks they see, each slice's mask is built once, and each chunk is one
+  attention call over many query blocks (a sliding window reads its keys as a strided
+  view, other layouts gather them in one copy).  On a busy CPU every operation ends
+  in a parallel region whose threads wait for each other; many small operations turn
+  each descheduled thread into a stall, so the count of operations, not their size,
+  sets the time under load.
+
+NaN: a NaN query row gives NaN in that row only; a NaN in a key or value that a row
+sees makes that row NaN.  A NaN key or value hidden by causality never spreads.
+One hidden by a user's mask spreads to every row on the dense paths (SDPA adds the
+mask to the NaN score, and multiplies the NaN value by a zero probability).
+Block-sparse: keys of skipped blocks never spread; a NaN inside an active block
+spreads to the rows of the query blocks that gather it, even where the element or
+causal mask hides it.  Rows that see no key are 0 in every case.
 """
 
 from __future__ import annotations
@@ -400,10 +411,10 @@ class _BlockSparseAttention(torch.autograd.Function):
     """Block-sparse attention over ``[nb, M, b, D]`` blocks (k, v: ``[nb_kv, M, b, D]``).
 
     Each chunk is one attention over ``[R, c]`` query blocks of ``b`` rows against their
-    gathered ``n * b`` keys with the slice's additive mask: on the CPU one call of
-    PyTorch's flash kernel (forward and backward, one parallel region each), elsewhere
-    the same math in a few batched operations.  Softmax in float32 (float64 for float64
-    inputs).  The backward recomputes from the saved LSE and scatters dk/dv into one
+    ``n * b`` keys with the slice's additive mask.  Forward: on the CPU one call of
+    PyTorch's flash kernel, elsewhere the same math in a few batched operations.
+    Backward: the flash kernel's for float16/bfloat16, the math (recomputed softmax)
+    for float32/float64, see :func:`_flash_kernel`.  dk/dv are scattered into one
     buffer, so memory stays O(L) beyond inputs and outputs.
     """
 
