@@ -26,6 +26,7 @@ causal mask hides it.  Rows that see no key are 0 in every case.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -397,8 +398,28 @@ def _bias(p: Problem, qblocks: torch.Tensor, kv_idx: torch.Tensor, n: int, batch
     return bias, ~visible.any(-1, keepdim=True)
 
 
+# The slices (index tables and masks) of each lowered layout, per problem geometry, kept
+# while the layout lives: building them is dozens of mask operations per call, each a
+# parallel region whose spinning threads a busy CPU deschedules.  Only problems
+# without a user mask (the mask is per call); never while tracing.
+_SLICE_CACHE: dict[int, dict] = {}
+
+
 def _slices(plan: _Plan, device):
     """Each slice of the plan with the chunks it serves."""
+    p = plan.p
+    cacheable = p.mask is None and not torch.compiler.is_compiling()
+    if cacheable:
+        key = (str(device), p.batch, plan.kv_batch, p.lq, p.lk, p.causal, p.dtype, p.head_dim)
+        if id(p.layout) not in _SLICE_CACHE:
+            _SLICE_CACHE[id(p.layout)] = {}
+            weakref.finalize(p.layout, _SLICE_CACHE.pop, id(p.layout), None)
+        per_layout = _SLICE_CACHE[id(p.layout)]
+        if key not in per_layout:
+            per_layout[key] = [(_Slice(plan, qblocks, n, device, None), chunks)
+                               for qblocks, n, chunks in plan.slices]
+        yield from per_layout[key]
+        return
     for qblocks, n, chunks in plan.slices:
         if plan.mask_per_batch:
             for b0 in range(plan.nb):

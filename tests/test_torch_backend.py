@@ -117,3 +117,18 @@ def test_block_sparse_float32_gradients_within_twice_plain_math_error(d):
         else:
             for name, err, bound in zip(("dq", "dk", "dv"), errs, plain):
                 assert err <= 2 * bound + 1e-7, f"{name}: error {err:.2e}, plain float32 math {bound:.2e}"
+
+
+def test_slice_cache_is_keyed_by_problem_and_dropped_with_the_layout():
+    import gc
+
+    layout = _layout(70, 16)
+    for causal, dtype, lq in ((False, torch.float32, 70), (True, torch.float32, 70), (True, torch.float64, 70)):
+        q, k, v = (torch.randn(2, 2, lq, 8, dtype=dtype) for _ in range(3))
+        out = stfast.attention(q, k, v, causal=causal, layout=layout, backend="torch")
+        assert_close(out, reference("dense", q, k, v, causal=causal, layout=layout)[0], atol=2e-5, rtol=2e-5)
+    key = id(layout.lowered("cpu", (0, 0, 0)))
+    assert key in torch_backend._SLICE_CACHE
+    del layout
+    gc.collect()
+    assert key not in torch_backend._SLICE_CACHE
