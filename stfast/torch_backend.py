@@ -135,15 +135,16 @@ def _dense_sdpa(p: Problem) -> torch.Tensor:
         mask = _flatten_batch(mask, merge)
     q, k, v = (_flatten_batch(t, merge) for t in (p.q, p.k, p.v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=p.scale)
-    out = _nan_rows(out.view(*p.batch, p.lq, p.v_dim), p.q)
-    if dead is not None:
-        out = out.masked_fill(dead.expand(*p.batch, p.lq, 1), 0.0)
-    return out
+    out = out.view(*p.batch, p.lq, p.v_dim)
+    if dead is None:
+        return _nan_rows(out, p.q)
+    # With a mask SDPA keeps a NaN query row NaN itself.
+    return out.masked_fill(dead.expand(*p.batch, p.lq, 1), 0.0)
 
 
 def _nan_rows(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """A query row holding NaN gives NaN, as every backend does (PyTorch's CPU flash
-    kernel writes zeros for a row whose scores are all NaN)."""
+    kernel without a mask writes zeros for a row whose scores are all NaN)."""
     return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))
 
 

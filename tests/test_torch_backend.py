@@ -40,12 +40,16 @@ def test_lse_is_float32_for_every_input_dtype(layout):
     assert lse.dtype == torch.float32
 
 
-@pytest.mark.parametrize("path", ["dense", "causal", "space", "sparse"])
+@pytest.mark.parametrize("path", ["dense", "causal", "space", "space+mask", "sparse"])
 def test_nan_query_row_is_nan_in_that_row_only(path):
-    if path == "space":
+    if path.startswith("space"):
         q, k, v = (torch.randn(2, 3, 9, 2, 8) for _ in range(3))
         q[1, 2, 4, 1, 3] = float("nan")
-        out = stfast.spatiotemporal_attention(q, k, v, axis="space", backend="torch")
+        mask = torch.rand(9, 9) > 0.3 if path == "space+mask" else None
+        if mask is not None:
+            mask[4, 1] = True  # the NaN row sees a key
+            mask[6] = False  # and a row sees none: zeros
+        out = stfast.spatiotemporal_attention(q, k, v, axis="space", attn_mask=mask, backend="torch")
         bad = torch.zeros(2, 3, 9, 2, dtype=torch.bool)
         bad[1, 2, 4, 1] = True
     else:
