@@ -467,7 +467,8 @@ class _BlockSparseAttention(torch.autograd.Function):
             for sl, chunks in _slices(plan, q.device):
                 for b0, b1, i0, i1 in chunks:
                     dead = sl.of_chunk(sl.dead, b0, b1, i0, i1).squeeze(-1)
-                    sl.put(public, b0, b1, i0, i1, sl.rows(lse, b0, b1, i0, i1).masked_fill(dead, float("-inf")))
+                    sl.put(public, b0, b1, i0, i1,
+                           sl.rows(lse, b0, b1, i0, i1).masked_fill(dead, float("-inf")).float())
         else:
             public = lse.new_empty(0)
         ctx.mark_non_differentiable(public)
