@@ -34,10 +34,12 @@ import torch.nn.functional as F
 from .backends import Backend
 from .lowering import Problem, from5
 
-# Block-sparse work per operation: gathered key elements of one chunk (16 MiB in float32)
-# and mask elements of one slice.  Large enough that a call is a few dozen operations,
-# small enough that they stay far below a dense L x L mask.
-_GATHER_ELEMENTS = 1 << 22
+# Block-sparse work per operation: gathered key elements of one chunk (4 MiB in float32;
+# the backward holds a few score-sized temporaries of about that size) and mask elements
+# of one slice (16 MiB).  Large enough that a call is a few dozen operations, small
+# enough that they stay far below a dense L x L mask (and in cache: 4x larger chunks
+# measured slower).
+_GATHER_ELEMENTS = 1 << 20
 _MASK_ELEMENTS = 1 << 22
 # Rows of query x key elements whose LSE one dense chunk computes at once.
 _LSE_ELEMENTS = 1 << 22
