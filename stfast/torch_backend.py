@@ -121,15 +121,15 @@ def _dense_sdpa(p: Problem) -> torch.Tensor:
         return _bottom_right(p)
     mask, is_causal = _dense_visibility(p)
     dead = None
-    if mask is not None:
-        # SDPA gives NaN for a row that sees no key; let such rows see every key
-        # (finite, harmless) and zero them, so outputs and gradients stay 0.  No
-        # data-dependent branch, so torch.compile traces it whole.
+    if mask is not None and not _flash_kernel(p.device):
+        # SDPA's GPU kernels give NaN for a row that sees no key (its CPU flash kernel
+        # gives 0 with zero gradients); let such rows see every key (finite, harmless)
+        # and zero them.  No data-dependent branch, so torch.compile traces it whole.
         dead = ~(mask.any(-1, keepdim=True) if mask.dtype == torch.bool else
                  (mask > float("-inf")).any(-1, keepdim=True))
         mask = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
-        if mask.dtype != torch.bool:
-            mask = mask.to(p.dtype)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(p.dtype)
     merge = 0 if _mergeable(p.q, 0) else 1
     if mask is not None:
         if mask.shape[merge:merge + 2] != (1, 1):
@@ -138,10 +138,10 @@ def _dense_sdpa(p: Problem) -> torch.Tensor:
     q, k, v = (_flatten_batch(t, merge) for t in (p.q, p.k, p.v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=p.scale)
     out = out.view(*p.batch, p.lq, p.v_dim)
-    if dead is None:
+    if mask is None:
         return _nan_rows(out, p.q)
     # With a mask SDPA keeps a NaN query row NaN itself.
-    return out.masked_fill(dead.expand(*p.batch, p.lq, 1), 0.0)
+    return out if dead is None else out.masked_fill(dead.expand(*p.batch, p.lq, 1), 0.0)
 
 
 def _nan_rows(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
