@@ -35,7 +35,7 @@ DISPATCH_TABLE = Path(__file__).with_name("dispatch.json")
 
 # Where each backend lives; imported on first use so `import stfast` never needs
 # Triton, nvcc or a GPU.
-_MODULES = {"torch": "stfast.reference", "triton": "stfast.triton", "cuda": "stfast.cuda"}
+_MODULES = {"torch": "stfast.torch_backend", "triton": "stfast.triton", "cuda": "stfast.cuda"}
 _instances: dict = {}
 # Innermost `use()` last.  A plain list (not a ContextVar) so torch.compile can trace
 # the dispatch decision instead of breaking the graph on it.

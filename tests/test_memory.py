@@ -1,0 +1,91 @@
+"""DESIGN §2/§6: memory beyond inputs, outputs and the user's own mask is O(L) on every
+path of the torch backend.  A dispatch-mode watch records the largest tensor any
+operation produces (SDPA's own mask conversion included) during forward and backward;
+no tensor may scale with Lq * Lk beyond the user's mask (inputs are
+O(B * H * L * D), sized here below Lq * Lk)."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import stfast
+
+
+class _Largest(TorchDispatchMode):
+    """The most elements of any storage an operation returns (views of a storage count
+    as that storage, so broadcast views cost nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+def _largest(fn, *inputs):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    with _Largest() as watch:
+        out = fn(*leaves)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.randn_like(out))
+    return watch.largest
+
+
+def _qkv(b, h, lq, lk, d=16):
+    return torch.randn(b, h, lq, d), torch.randn(b, h, lk, d), torch.randn(b, h, lk, d)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_and_top_left_causal(causal):
+    q, k, v = _qkv(2, 2, 384, 384)
+    largest = _largest(lambda a, b, c: stfast.attention(a, b, c, causal=causal, backend="torch"), q, k, v)
+    assert largest < 384 * 384, f"a tensor of {largest} elements (Lq*Lk = {384 * 384})"
+
+
+@pytest.mark.parametrize("lq,lk", [(368, 384), (384, 368), (100, 384)])
+def test_bottom_right_causal_is_never_a_mask(lq, lk):
+    q, k, v = _qkv(2, 2, lq, lk)
+    largest = _largest(lambda a, b, c: stfast.attention(a, b, c, causal="bottom_right", backend="torch"),
+                       q, k, v)
+    assert largest < lq * lk, f"a tensor of {largest} elements (Lq*Lk = {lq * lk})"
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_user_mask_is_not_expanded_over_batch_and_heads(kind):
+    b, h, length = 2, 3, 256
+    q, k, v = _qkv(b, h, length, length)
+    mask = torch.rand(length, length) > 0.5
+    if kind == "float":
+        mask = torch.randn(length, length).masked_fill(~mask, float("-inf"))
+    largest = _largest(lambda a, b_, c: stfast.scaled_dot_product_attention(a, b_, c, attn_mask=mask,
+                                                                            backend="torch"), q, k, v)
+    assert largest <= length * length, \
+        f"a tensor of {largest} elements, the user's mask has {length * length} (B*H*L*L = {b * h * length ** 2})"
+
+
+def test_graph_masked_spatial_pass_processes_the_mask_once():
+    b, t, n, h, d = 2, 3, 97, 2, 8
+    q, k, v = (torch.randn(b, t, n, h, d) for _ in range(3))
+    adjacency = torch.rand(n, n) > 0.7
+    largest = _largest(lambda a, b_, c: stfast.spatiotemporal_attention(a, b_, c, axis="space",
+                                                                        attn_mask=adjacency,
+                                                                        backend="torch"), q, k, v)
+    assert largest <= max(n * n, b * t * n * h * d), \
+        f"a tensor of {largest} elements; mask {n * n}, B*T*H*N*N = {b * t * h * n * n}"
+
+
+def test_time_pass_and_block_sparse():
+    q, k, v = (torch.randn(2, 64, 5, 2, 8) for _ in range(3))
+    largest = _largest(lambda a, b, c: stfast.spatiotemporal_attention(a, b, c, axis="time", causal=True,
+                                                                       backend="torch"), q, k, v)
+    assert largest <= q.numel()
+    length = 1024
+    layout = stfast.layouts.local(length, window=64, block=32)
+    q, k, v = _qkv(1, 2, length, length)
+    largest = _largest(lambda a, b, c: stfast.block_sparse_attention(a, b, c, layout, backend="torch"), q, k, v)
+    assert largest < length * length, f"a tensor of {largest} elements (L*L = {length * length})"
