@@ -8,8 +8,10 @@ index, a contiguous last dimension) plus a block schedule.  Lowering never copie
 only different strides of the same five indices.
 
 GQA is strides too: query heads ``Hq = Hkv * G`` are split into ``(Hkv, G)`` batch
-indices and k/v are expanded with stride 0 along ``G``.  A kernel that sees
-``k.stride(2) == 0`` with ``B2 > 1`` knows its dk/dv pass must sum over ``B2``.
+indices and k/v are expanded with stride 0 along ``G``.  A stride 0 alone does not
+make dk/dv sums: a caller may pass k/v ``expand``ed over heads, so a kernel sums dk/dv
+over ``B2`` only when its gradient buffers are shared along ``B2`` too
+(:meth:`Problem.new_grads` keeps that stride 0 for GQA only).
 """
 
 from __future__ import annotations
@@ -163,11 +165,6 @@ class Problem:
     @property
     def device(self) -> torch.device:
         return self.q.device
-
-    @property
-    def kv_shared_dim(self) -> bool:
-        """True when k/v are shared across B2 (GQA): dk/dv must sum over B2."""
-        return self.k.shape[2] > 1 and self.k.stride(2) == 0
 
     def user_out_shape(self) -> list[int]:
         """Shape of the user-facing output (laid out like q, last dim Dv)."""

@@ -43,6 +43,8 @@ _GATHER_ELEMENTS = 1 << 20
 _MASK_ELEMENTS = 1 << 22
 # Rows of query x key elements whose LSE one dense chunk computes at once.
 _LSE_ELEMENTS = 1 << 22
+# Elements of the causal mask of one chunk of bottom-right rows when Lk >= 2 Lq.
+_CAUSAL_ROW_ELEMENTS = 1 << 20
 
 
 class TorchBackend(Backend):
@@ -151,18 +153,32 @@ def _nan_rows(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def _bottom_right(p: Problem) -> torch.Tensor:
-    """Bottom-right causal attention (query i sees keys j <= i + Lk - Lq) as SDPA's
-    top-left ``is_causal``, never a mask: with Lq > Lk the first Lq - Lk rows see no
-    key (zeros) and the rest is top-left causal; with Lq < Lk the queries are placed
-    after Lk - Lq zero rows whose outputs are dropped (O(Lk * D) memory, extra work
-    only for those rows)."""
+    """Bottom-right causal attention (query i sees keys j <= i + Lk - Lq), never an
+    ``Lq x Lk`` mask.  With Lq > Lk the first Lq - Lk rows see no key (zeros) and the
+    rest is top-left causal.  With Lq <= Lk < 2 Lq the queries are placed after Lk - Lq
+    zero rows and run as SDPA's top-left ``is_causal`` (at most about 1.3x the work).
+    Past that, as in KV-cache decoding and chunked prefill, those zero rows would cost
+    O(Lk^2) for O(Lq * Lk) of attention, so chunks of query rows run with a causal mask
+    of their own rows only (``_CAUSAL_ROW_ELEMENTS`` elements at most)."""
     shift = p.lk - p.lq
     if shift < 0:
         inner = _dense_sdpa(Problem(p.kind, p.q[..., -shift:, :], p.k, p.v, p.scale, "top_left"))
         return torch.cat([inner.new_zeros(*p.batch, -shift, p.v_dim), inner], -2)
-    pad = p.q.new_zeros(*p.batch, shift, p.head_dim)
-    full = _dense_sdpa(Problem(p.kind, torch.cat([pad, p.q], -2), p.k, p.v, p.scale, "top_left"))
-    return full[..., shift:, :]
+    if shift < p.lq:
+        pad = p.q.new_zeros(*p.batch, shift, p.head_dim)
+        full = _dense_sdpa(Problem(p.kind, torch.cat([pad, p.q], -2), p.k, p.v, p.scale, "top_left"))
+        return full[..., shift:, :]
+    rows = max(1, min(p.lq, _CAUSAL_ROW_ELEMENTS // p.lk))
+    outs = []
+    for start in range(0, p.lq, rows):
+        stop = min(start + rows, p.lq)
+        keys = stop + shift  # the last row of the chunk sees keys [0, stop - 1 + shift]
+        visible = (torch.arange(keys, device=p.device)
+                   <= torch.arange(start + shift, stop + shift, device=p.device)[:, None])
+        chunk = Problem(p.kind, p.q[..., start:stop, :], p.k[..., :keys, :], p.v[..., :keys, :],
+                        p.scale, mask=visible.expand(*p.batch, stop - start, keys))
+        outs.append(_dense_sdpa(chunk))
+    return torch.cat(outs, -2)
 
 
 def _dense_lse(p: Problem) -> torch.Tensor:

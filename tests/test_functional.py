@@ -215,7 +215,7 @@ def test_lowering_never_copies():
     blhd = torch.randn(2, 9, 4, 8)  # [B, L, H, D] memory, used as [B, H, L, D]
     p = lower("dense", blhd.transpose(1, 2), blhd[:, :, :2].transpose(1, 2), blhd[:, :, :2].transpose(1, 2), scale=1.0)
     assert p.q.untyped_storage().data_ptr() == blhd.untyped_storage().data_ptr()
-    assert p.k.stride(2) == 0 and p.kv_shared_dim
+    assert p.k.shape[2] == 2 and p.k.stride(2) == 0
 
 
 def test_zero_size_problems():

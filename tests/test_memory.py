@@ -47,8 +47,10 @@ def test_dense_and_top_left_causal(causal):
     assert largest < 384 * 384, f"a tensor of {largest} elements (Lq*Lk = {384 * 384})"
 
 
-@pytest.mark.parametrize("lq,lk", [(368, 384), (384, 368), (100, 384)])
-def test_bottom_right_causal_is_never_a_mask(lq, lk):
+# (1024, 4096): KV-cache prefill by chunks, Lk >= 2 Lq, where chunks of rows carry a
+# causal mask of their own (a bounded number of elements, far below Lq * Lk here).
+@pytest.mark.parametrize("lq,lk", [(368, 384), (384, 368), (1024, 4096)])
+def test_bottom_right_causal_never_allocates_lq_by_lk(lq, lk):
     q, k, v = _qkv(2, 2, lq, lk)
     largest = _largest(lambda a, b, c: stfast.attention(a, b, c, causal="bottom_right", backend="torch"),
                        q, k, v)
