@@ -132,7 +132,9 @@ def _dense_sdpa(p: Problem) -> torch.Tensor:
         mask = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(p.dtype)
-    merge = 0 if _mergeable(p.q, 0) else 1
+    # Merge the batch pair that every tensor merges as a view (k/v broadcast over the
+    # batch by the caller merge only the inner pair).
+    merge = 0 if all(_mergeable(t, 0) for t in (p.q, p.k, p.v)) else 1
     if mask is not None:
         if mask.shape[merge:merge + 2] != (1, 1):
             mask = mask.expand(*mask.shape[:merge], *p.batch[merge:merge + 2], *mask.shape[merge + 2:])

@@ -91,3 +91,17 @@ def test_time_pass_and_block_sparse():
     q, k, v = _qkv(1, 2, length, length)
     largest = _largest(lambda a, b, c: stfast.block_sparse_attention(a, b, c, layout, backend="torch"), q, k, v)
     assert largest < length * length, f"a tensor of {largest} elements (L*L = {length * length})"
+
+
+
+
+def test_sdpa_kv_batch_broadcast_is_never_copied():
+    # PyTorch's SDPA broadcasts batch dims; stfast passes k/v of batch 1 on as stride-0
+    # views.  They are the long tensors here, so a batch-sized copy of them would be the
+    # largest tensor of the call by far.
+    q = torch.randn(4, 2, 16, 64)
+    k, v = torch.randn(1, 2, 1024, 64), torch.randn(1, 2, 1024, 64)
+    with _Largest() as watch:
+        out = stfast.scaled_dot_product_attention(q, k, v, backend="torch")
+    assert out.shape == (4, 2, 16, 64)
+    assert watch.largest <= k.numel(), f"a tensor of {watch.largest} elements: k/v were copied"
