@@ -164,8 +164,12 @@ def _jobs(select_all):
 def _key(job):
     fn = getattr(kernels, job["fn"])
     signature, constexprs, attrs, options = job["spec"]
+    # Options name libdevice by its path inside this environment; only its name belongs in
+    # a key that a fresh checkout in another environment must find again.
+    opts = {**options.__dict__, "extern_libs": tuple((name, os.path.basename(path))
+                                                     for name, path in options.extern_libs or ())}
     text = repr((fn.cache_key, triton.__version__, job["arch"], sorted(signature.items()),
-                 sorted(constexprs.items()), sorted(attrs.items()), sorted(options.__dict__.items())))
+                 sorted(constexprs.items()), sorted(attrs.items()), sorted(opts.items())))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
