@@ -26,3 +26,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def allow_tf32():
+    """Set ``torch.backends.cuda.matmul.allow_tf32`` for one test and restore it after.
+    (pytest's monkeypatch cannot: on pytest >= 9.2 it looks the flag up statically, finds
+    no attribute on ``cuBLASModule``, and deletes it at teardown.)"""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+
+    def set_to(value: bool) -> None:
+        matmul.allow_tf32 = value
+
+    yield set_to
+    matmul.allow_tf32 = before

@@ -104,12 +104,12 @@ def test_inductor_compiles_spatiotemporal_module():
 
 
 @pytest.mark.interpret
-def test_kernel_custom_op_passes_opcheck_and_compiles(monkeypatch):
+def test_kernel_custom_op_passes_opcheck_and_compiles(allow_tf32):
     if backends.available()["triton"] is not None:
         pytest.skip(f"triton backend unavailable: {backends.available()['triton']}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # On a GPU float32 runs as TF32 (IEEE float32 is refused there).
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    allow_tf32(True)
     q, k, v = (torch.randn(1, 2, 16, 8, device=device, requires_grad=True) for _ in range(3))
     fwd = torch.ops.stfast.attention_fwd.default
     torch.library.opcheck(fwd, (q, k, v, None, [], 0, [0, 0, 0], "dense", "top_left", 0.35, "triton"))

@@ -26,9 +26,9 @@ TOL = dict(atol=1e-4, rtol=1e-4) if launch.INTERPRET else dict(atol=2e-3, rtol=2
 
 
 @pytest.fixture(autouse=True)
-def _tf32_on_gpu(monkeypatch):
+def _tf32_on_gpu(allow_tf32):
     if not launch.INTERPRET:
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+        allow_tf32(True)
 
 
 def _grads(kind, q, k, v, dout, causal):

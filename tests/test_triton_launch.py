@@ -33,9 +33,9 @@ TOL = dict(atol=1e-4, rtol=1e-4) if launch.INTERPRET else dict(atol=2e-3, rtol=2
 
 
 @pytest.fixture(autouse=True)
-def _tf32_on_gpu(monkeypatch):
+def _tf32_on_gpu(allow_tf32):
     if not launch.INTERPRET:
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+        allow_tf32(True)
 
 
 def _meta(lq, d, dtype, *, kind="dense", lk=None, hq=2, hkv=2, **kw):
@@ -84,8 +84,8 @@ def test_configs_that_cannot_fit_are_not_tried():
                     assert n.measured and n.spills == 0, (kernel, d, masked, c, n)
 
 
-def test_fp32_packed_backward_wide_heads_takes_the_tiled_kernels(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+def test_fp32_packed_backward_wide_heads_takes_the_tiled_kernels(allow_tf32):
+    allow_tf32(True)
     p = _meta(12, 200, torch.float32, kind="time", causal="top_left")
     assert launch.packed_warps(p, "packed_bwd", H100) is None  # 278,528 B on sm_90
     assert launch.resource_reasons(p, True, H100) == []  # the tiled kernels fit
@@ -96,8 +96,8 @@ def test_fp32_packed_backward_wide_heads_takes_the_tiled_kernels(monkeypatch):
 @pytest.mark.parametrize("target", [H100, A100, RTX4090], ids=["sm90", "sm80", "sm89"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("d", [8, 38, 72, 128, 200, 256])
-def test_every_problem_runs_or_is_refused_never_out_of_resources(target, dtype, d, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+def test_every_problem_runs_or_is_refused_never_out_of_resources(target, dtype, d, allow_tf32):
+    allow_tf32(True)
     mask = torch.empty(300, 300, dtype=torch.bool, device="meta").expand(1, 2, 300, 300)
     for p in (_meta(300, d, dtype, causal="top_left"), _meta(16, d, dtype, kind="time"),
               _meta(300, d, dtype, hq=4, hkv=1), _meta(300, d, dtype, mask=mask)):
@@ -112,13 +112,13 @@ def test_every_problem_runs_or_is_refused_never_out_of_resources(target, dtype, 
                                          p.mask is not None)
 
 
-def test_fp32_follows_allow_tf32(monkeypatch):
+def test_fp32_follows_allow_tf32(allow_tf32):
     p = _meta(300, 64, torch.float32, causal="top_left")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    allow_tf32(False)
     assert launch._dot_precision(torch.float32) == "ieee"
     assert any("allow_tf32" in r for r in launch.resource_reasons(p, False, H100))
     assert launch.resource_reasons(p, False, None) == []  # the interpreter has no spills
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    allow_tf32(True)
     assert launch._dot_precision(torch.float32) == "tf32"
     assert launch.resource_reasons(p, True, H100) == []
 
