@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             peaks[(name, "fwd+bwd")] = peak_bytes(fwd_bwd, q.device) + held
 
     conditions = [(n, hog) for n in threads for hog in (False, True)]
-    progress = Progress(len(conditions) * 2 * args.rounds)
+    progress = Progress([1.0] * (len(conditions) * 2 * args.rounds))
     rows = []
     for n, hog in conditions:
         torch.set_num_threads(n)
