@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from .backends import Backend
 from .lowering import Problem, from5
 
-# Block-sparse work per operation: gathered key elements of one chunk (4 MiB in float32;
+# Block-sparse work per operation: gathered key elements of the chunks in flight at once,
+# one per worker thread (4 MiB in float32;
 # the backward holds a few score-sized temporaries of about that size) and mask elements
 # of one slice (16 MiB).  Large enough that a call is a few dozen operations, small
 # enough that they stay far below a dense L x L mask (and in cache: 4x larger chunks
@@ -203,7 +204,8 @@ def _block_sparse(p: Problem, need_lse: bool):
     k_base, v_base, kv_batch = _unbroadcast_kv(p)
     q = _as_blocks(p.q, mq, b)
     k, v = _as_blocks(k_base, mk, b), _as_blocks(v_base, mk, b)
-    plan = _Plan(p, kv_batch)
+    on_cpu = p.device.type == "cpu" and not torch.compiler.is_compiling()
+    plan = _Plan(p, kv_batch, torch.get_num_threads() if on_cpu else 1)
     out, lse = _BlockSparseAttention.apply(plan, need_lse, q, k, v)
     out = out.flatten(1, 2)[:, :p.lq].to(p.dtype).view(*p.batch, p.lq, p.v_dim)
     return out, (lse.flatten(1, 2)[:, :p.lq].view(*p.batch, p.lq) if need_lse else None)
@@ -236,11 +238,13 @@ class _Plan:
     Query blocks are grouped by how many key blocks they see, so a few dense rows
     (BigBird's global blocks) do not make every row gather as many; each group is cut
     into slices whose mask is built once, and each slice into chunks of (batch rows,
-    query blocks) whose gathered keys fill about ``_GATHER_ELEMENTS``.
+    query blocks) whose gathered keys fill about ``_GATHER_ELEMENTS`` shared by the
+    ``threads`` chunks in flight at once.
     """
 
-    def __init__(self, p: Problem, kv_batch: tuple[int, int, int]):
+    def __init__(self, p: Problem, kv_batch: tuple[int, int, int], threads: int):
         self.p = p
+        self.threads = threads
         lay = p.layout
         b = lay.block
         self.nb = math.prod(p.batch)
@@ -272,7 +276,7 @@ class _Plan:
             start = stop
 
     def _chunks(self, c: int, row: int):
-        rows = max(1, _GATHER_ELEMENTS // row)
+        rows = max(1, _GATHER_ELEMENTS // self.threads // row)
         if rows >= c and not self.mask_per_batch:  # whole slices, several batch rows at once
             per = rows // c
             return [(b0, min(self.nb, b0 + per), 0, c) for b0 in range(0, self.nb, per)]
@@ -420,7 +424,7 @@ def _slices(plan: _Plan, device):
     """Each slice of the plan with the chunks it serves."""
     p = plan.p
     if _cacheable(p):
-        key = (str(device), p.batch, plan.kv_batch, p.lq, p.lk, p.causal, p.dtype, p.head_dim)
+        key = (str(device), p.batch, plan.kv_batch, p.lq, p.lk, p.causal, p.dtype, p.head_dim, plan.threads)
         if id(p.layout) not in _SLICE_CACHE:
             _SLICE_CACHE[id(p.layout)] = {}
             weakref.finalize(p.layout, _SLICE_CACHE.pop, id(p.layout), None)
@@ -563,29 +567,38 @@ def _each(threads: int, jobs: list[tuple], work, reduce=None) -> None:
         return
     caller = torch.get_num_threads()
     inference = torch.is_inference_mode_enabled()
-    queue, results = iter(range(len(jobs))), {}
-    take, order = threading.Lock(), threading.Lock()
-    state = dict(reduced=0, error=None)
+    # A job starts only within threads + 1 of the oldest one not yet reduced: a
+    # descheduled thread then holds back at most ``threads`` finished results (memory),
+    # not the whole call's.
+    window = len(jobs) if reduce is None else threads + 1
+    state = dict(next=0, reduced=0, error=None)
+    results, turn = {}, threading.Condition()
 
     def worker():
         torch.set_num_threads(1)
         try:
             with torch.inference_mode(inference), torch.no_grad():
-                while state["error"] is None:
-                    with take:
-                        i = next(queue, None)
-                    if i is None:
-                        return
+                while True:
+                    with turn:
+                        turn.wait_for(lambda: state["error"] is not None or state["next"] >= len(jobs)
+                                      or state["next"] < state["reduced"] + window)
+                        i = state["next"]
+                        if state["error"] is not None or i >= len(jobs):
+                            return
+                        state["next"] += 1
                     result = work(*jobs[i])
                     if reduce is None:
                         continue
-                    with order:
+                    with turn:
                         results[i] = result
                         while state["reduced"] in results:
                             reduce(*results.pop(state["reduced"]))
                             state["reduced"] += 1
+                        turn.notify_all()
         except BaseException as e:  # raised again on the calling thread
-            state["error"] = e
+            with turn:
+                state["error"] = e
+                turn.notify_all()
 
     pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
     for t in pool:

@@ -147,7 +147,8 @@ def test_block_sparse_chunks_run_one_thread_each_and_sum_in_a_fixed_order(monkey
     # a parallel region that a busy CPU stalls; the chunks must run on worker threads of
     # one intra-op thread each, leave the caller's count as it was, and give the same
     # bits as one thread even when they finish out of order.
-    monkeypatch.setattr(torch_backend, "_GATHER_ELEMENTS", 1 << 11)  # many chunks per call
+    # One query block per chunk at 1 and 2 threads alike: many chunks, the same ones.
+    monkeypatch.setattr(torch_backend, "_GATHER_ELEMENTS", 1 << 11)
     torch.manual_seed(12)
     layout = stfast.layouts.local(160, 40, block=16)
     base = [torch.randn(2, 3, 160, 16) for _ in range(3)]
