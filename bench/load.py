@@ -10,7 +10,8 @@ them.  Each condition times the implementations in interleaved rounds (one call 
 each per round, medians over rounds), so load that comes and goes hits every
 implementation alike.  Peak memory (beyond the inputs, the dense mask counted for
 the masked SDPA, which must hold it) is measured once, on one thread, with
-:func:`bench.measure.peak_bytes`.  The load average is recorded before and after each
+:func:`bench.measure.peak_bytes` (its profiler sees only the calling thread's
+allocations, so it cannot measure the torch backend's worker threads at 2).  The load average is recorded before and after each
 condition: this machine may be shared.  Writes ``load-cpu.json`` and ``load-cpu.md``.
 """
 
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
             peaks[(name, "fwd+bwd")] = peak_bytes(fwd_bwd, q.device) + held
 
     conditions = [(n, hog) for n in threads for hog in (False, True)]
-    progress = Progress(len(conditions) * 2 * args.rounds)
+    progress = Progress([1.0] * (len(conditions) * 2 * args.rounds))
     rows = []
     for n, hog in conditions:
         torch.set_num_threads(n)

@@ -12,7 +12,10 @@ fallback for whatever a kernel backend refuses.
   view, other layouts gather them in one copy).  On a busy CPU every operation ends
   in a parallel region whose threads wait for each other; many small operations turn
   each descheduled thread into a stall, so the count of operations, not their size,
-  sets the time under load.
+  sets the time under load.  With more than one intra-op thread the chunks of a
+  slice therefore run on as many Python threads, each with one intra-op thread and
+  taking the next chunk from a shared queue: one parallel region per slice instead
+  of one per operation, and a descheduled thread delays only its own chunk.
 
 NaN: a NaN query row gives NaN in that row only; a NaN in a key or value that a row
 sees makes that row NaN.  A NaN key or value hidden by causality never spreads.
@@ -26,6 +29,7 @@ causal mask hides it.  Rows that see no key are 0 in every case.
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 
 import torch
@@ -34,7 +38,8 @@ import torch.nn.functional as F
 from .backends import Backend
 from .lowering import Problem, from5
 
-# Block-sparse work per operation: gathered key elements of one chunk (4 MiB in float32;
+# Block-sparse work per operation: gathered key elements of the chunks in flight at once,
+# one per worker thread (4 MiB in float32;
 # the backward holds a few score-sized temporaries of about that size) and mask elements
 # of one slice (16 MiB).  Large enough that a call is a few dozen operations, small
 # enough that they stay far below a dense L x L mask (and in cache: 4x larger chunks
@@ -217,7 +222,8 @@ def _block_sparse(p: Problem, need_lse: bool):
     k_base, v_base, kv_batch = _unbroadcast_kv(p)
     q = _as_blocks(p.q, mq, b)
     k, v = _as_blocks(k_base, mk, b), _as_blocks(v_base, mk, b)
-    plan = _Plan(p, kv_batch)
+    on_cpu = p.device.type == "cpu" and not torch.compiler.is_compiling()
+    plan = _Plan(p, kv_batch, torch.get_num_threads() if on_cpu else 1)
     out, lse = _BlockSparseAttention.apply(plan, need_lse, q, k, v)
     out = out.flatten(1, 2)[:, :p.lq].to(p.dtype).view(*p.batch, p.lq, p.v_dim)
     return out, (lse.flatten(1, 2)[:, :p.lq].view(*p.batch, p.lq) if need_lse else None)
@@ -250,11 +256,13 @@ class _Plan:
     Query blocks are grouped by how many key blocks they see, so a few dense rows
     (BigBird's global blocks) do not make every row gather as many; each group is cut
     into slices whose mask is built once, and each slice into chunks of (batch rows,
-    query blocks) whose gathered keys fill about ``_GATHER_ELEMENTS``.
+    query blocks) whose gathered keys fill about ``_GATHER_ELEMENTS`` shared by the
+    ``threads`` chunks in flight at once.
     """
 
-    def __init__(self, p: Problem, kv_batch: tuple[int, int, int]):
+    def __init__(self, p: Problem, kv_batch: tuple[int, int, int], threads: int):
         self.p = p
+        self.threads = threads
         lay = p.layout
         b = lay.block
         self.nb = math.prod(p.batch)
@@ -286,7 +294,7 @@ class _Plan:
             start = stop
 
     def _chunks(self, c: int, row: int):
-        rows = max(1, _GATHER_ELEMENTS // row)
+        rows = max(1, _GATHER_ELEMENTS // self.threads // row)
         if rows >= c and not self.mask_per_batch:  # whole slices, several batch rows at once
             per = rows // c
             return [(b0, min(self.nb, b0 + per), 0, c) for b0 in range(0, self.nb, per)]
@@ -426,12 +434,15 @@ def _bias(p: Problem, qblocks: torch.Tensor, kv_idx: torch.Tensor, n: int, batch
 _SLICE_CACHE: dict[int, dict] = {}
 
 
+def _cacheable(p: Problem) -> bool:
+    return p.mask is None and not torch.compiler.is_compiling()
+
+
 def _slices(plan: _Plan, device):
     """Each slice of the plan with the chunks it serves."""
     p = plan.p
-    cacheable = p.mask is None and not torch.compiler.is_compiling()
-    if cacheable:
-        key = (str(device), p.batch, plan.kv_batch, p.lq, p.lk, p.causal, p.dtype, p.head_dim)
+    if _cacheable(p):
+        key = (str(device), p.batch, plan.kv_batch, p.lq, p.lk, p.causal, p.dtype, p.head_dim, plan.threads)
         if id(p.layout) not in _SLICE_CACHE:
             _SLICE_CACHE[id(p.layout)] = {}
             weakref.finalize(p.layout, _SLICE_CACHE.pop, id(p.layout), None)
@@ -449,6 +460,24 @@ def _slices(plan: _Plan, device):
             yield _Slice(plan, qblocks, n, device, None), chunks
 
 
+def _jobs(plan: _Plan, device, whole_bands: bool):
+    """The chunks of a call as lists of ``(slice, b0, b1, i0, i1)`` jobs to run
+    together: every chunk of the call at once when its slices are cached (a slice of a
+    single chunk then does not run alone), else a slice's chunks (its mask is built
+    for this call and dropped after it).  ``whole_bands``: a banded slice, which
+    gathers nothing, as one job."""
+    jobs = []
+    for sl, chunks in _slices(plan, device):
+        if whole_bands and sl.band is not None:
+            chunks = [(0, plan.nb, 0, len(sl.qblocks))]
+        jobs += [(sl, *c) for c in chunks]
+        if not _cacheable(plan.p):
+            yield jobs
+            jobs = []
+    if jobs:
+        yield jobs
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     """Block-sparse attention over ``[nb, M, b, D]`` blocks (k, v: ``[nb_kv, M, b, D]``).
 
@@ -463,34 +492,30 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, need_lse: bool, q, k, v):
         flash = _flash_kernel(q.device)
+        threads = _chunk_threads(q.device)
         out = q.new_empty(*q.shape[:3], v.shape[-1])
         lse = q.new_empty(q.shape[:3], dtype=_compute_dtype(q.dtype))
-        for sl, chunks in _slices(plan, q.device):
-            if sl.band is not None:  # nothing gathered: the whole slice at once
-                chunks = [(0, plan.nb, 0, len(sl.qblocks))]
-            for b0, b1, i0, i1 in chunks:
-                kg, vg, _, bias = sl.gather(k, v, b0, b1, i0, i1)
-                qc = sl.rows(q, b0, b1, i0, i1)
-                if flash:
-                    o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                        qc, kg, vg, attn_mask=bias, scale=plan.p.scale)
-                else:
-                    o, l = _math_attend(qc, kg, vg, bias, sl.of_chunk(sl.dead, b0, b1, i0, i1), plan.p.scale)
-                sl.put(out, b0, b1, i0, i1, o)
-                sl.put(lse, b0, b1, i0, i1, l.to(lse.dtype))
+        # Rows that see no key: the kernel leaves their LSE finite; the API says -inf.
+        public = torch.empty_like(lse, dtype=torch.float32) if need_lse else lse.new_empty(0)
+
+        def attend(sl, b0, b1, i0, i1):
+            kg, vg, _, bias = sl.gather(k, v, b0, b1, i0, i1)
+            qc = sl.rows(q, b0, b1, i0, i1)
+            dead = sl.of_chunk(sl.dead, b0, b1, i0, i1)
+            if flash:
+                o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    qc, kg, vg, attn_mask=bias, scale=plan.p.scale)
+            else:
+                o, l = _math_attend(qc, kg, vg, bias, dead, plan.p.scale)
+            sl.put(out, b0, b1, i0, i1, o)
+            sl.put(lse, b0, b1, i0, i1, l.to(lse.dtype))
+            if need_lse:
+                sl.put(public, b0, b1, i0, i1, l.masked_fill(dead.squeeze(-1), float("-inf")).float())
+
+        for jobs in _jobs(plan, q.device, whole_bands=threads == 1):
+            _each(threads, jobs, attend)
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse)
-        public = None
-        if need_lse:
-            # Rows that see no key: the kernel leaves their LSE finite; the API says -inf.
-            public = torch.empty_like(lse, dtype=torch.float32)
-            for sl, chunks in _slices(plan, q.device):
-                for b0, b1, i0, i1 in chunks:
-                    dead = sl.of_chunk(sl.dead, b0, b1, i0, i1).squeeze(-1)
-                    sl.put(public, b0, b1, i0, i1,
-                           sl.rows(lse, b0, b1, i0, i1).masked_fill(dead, float("-inf")).float())
-        else:
-            public = lse.new_empty(0)
         ctx.mark_non_differentiable(public)
         return out, public
 
@@ -499,6 +524,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         plan = ctx.plan
         q, k, v, out, lse = ctx.saved_tensors
         flash = _flash_kernel(q.device) and q.dtype in (torch.float16, torch.bfloat16)
+        threads = _chunk_threads(q.device)
         acc = _compute_dtype(q.dtype)
         dq = torch.empty_like(q)
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
@@ -508,21 +534,98 @@ class _BlockSparseAttention(torch.autograd.Function):
         # takes a parallel path that is ~50x slower with 2 threads than with 1.
         dk_rows, dv_rows = dk.view(1, -1, b * k.shape[-1]), dv.view(1, -1, b * v.shape[-1])
         delta = None if flash else (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True)
-        for sl, chunks in _slices(plan, q.device):
-            for b0, b1, i0, i1 in chunks:
-                kg, vg, dest, bias = sl.gather(k, v, b0, b1, i0, i1)
-                qc, doc = sl.rows(q, b0, b1, i0, i1), sl.rows(dout, b0, b1, i0, i1)
-                if flash:
-                    dqc, dkg, dvg = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                        doc, qc, kg, vg, sl.rows(out, b0, b1, i0, i1), sl.rows(lse, b0, b1, i0, i1),
-                        0.0, False, attn_mask=bias, scale=plan.p.scale)
-                else:
-                    dqc, dkg, dvg = _math_backward(qc, kg, vg, bias, sl.of_chunk(sl.dead, b0, b1, i0, i1),
-                                                   doc, sl.rows(delta, b0, b1, i0, i1), plan.p.scale)
-                sl.put(dq, b0, b1, i0, i1, dqc)
-                dk_rows.index_add_(1, dest, dkg.reshape(1, -1, dk_rows.shape[-1]).to(acc))
-                dv_rows.index_add_(1, dest, dvg.reshape(1, -1, dv_rows.shape[-1]).to(acc))
+
+        def grads(sl, b0, b1, i0, i1):
+            kg, vg, dest, bias = sl.gather(k, v, b0, b1, i0, i1)
+            qc, doc = sl.rows(q, b0, b1, i0, i1), sl.rows(dout, b0, b1, i0, i1)
+            if flash:
+                dqc, dkg, dvg = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    doc, qc, kg, vg, sl.rows(out, b0, b1, i0, i1), sl.rows(lse, b0, b1, i0, i1),
+                    0.0, False, attn_mask=bias, scale=plan.p.scale)
+            else:
+                dqc, dkg, dvg = _math_backward(qc, kg, vg, bias, sl.of_chunk(sl.dead, b0, b1, i0, i1),
+                                               doc, sl.rows(delta, b0, b1, i0, i1), plan.p.scale)
+            sl.put(dq, b0, b1, i0, i1, dqc)
+            return dest, dkg, dvg
+
+        def scatter(dest, dkg, dvg):
+            dk_rows.index_add_(1, dest, dkg.reshape(1, -1, dk_rows.shape[-1]).to(acc))
+            dv_rows.index_add_(1, dest, dvg.reshape(1, -1, dv_rows.shape[-1]).to(acc))
+
+        for jobs in _jobs(plan, q.device, whole_bands=False):
+            _each(threads, jobs, grads, scatter)
         return None, None, dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _chunk_threads(device: torch.device) -> int:
+    """How many Python threads run the chunks of a slice: the intra-op thread count on
+    the CPU; one while tracing (torch.compile sees plain operations), elsewhere (a GPU
+    parallelises each operation), and under grad mode (a double backward records its
+    graph on the calling thread)."""
+    if device.type != "cpu" or torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return 1
+    return torch.get_num_threads()
+
+
+def _each(threads: int, jobs: list[tuple], work, reduce=None) -> None:
+    """``work(*job)`` for every job, on ``threads`` threads that each take the next job
+    from a shared queue and run with one intra-op thread; ``reduce(*result)`` is called
+    in job order whichever thread finished first, so sums are the same in every run.
+
+    OpenMP thread counts are per thread; PyTorch's ``set_num_threads`` also sets the
+    count that threads it has not seen yet start with (and MKL's), which the caller's
+    own count restores afterwards.
+    """
+    threads = min(threads, len(jobs))
+    if threads <= 1:
+        for job in jobs:
+            result = work(*job)
+            if reduce is not None:
+                reduce(*result)
+        return
+    caller = torch.get_num_threads()
+    inference = torch.is_inference_mode_enabled()
+    # A job starts only within threads + 1 of the oldest one not yet reduced: a
+    # descheduled thread then holds back at most ``threads`` finished results (memory),
+    # not the whole call's.
+    window = len(jobs) if reduce is None else threads + 1
+    state = dict(next=0, reduced=0, error=None)
+    results, turn = {}, threading.Condition()
+
+    def worker():
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode(inference), torch.no_grad():
+                while True:
+                    with turn:
+                        turn.wait_for(lambda: state["error"] is not None or state["next"] >= len(jobs)
+                                      or state["next"] < state["reduced"] + window)
+                        i = state["next"]
+                        if state["error"] is not None or i >= len(jobs):
+                            return
+                        state["next"] += 1
+                    result = work(*jobs[i])
+                    if reduce is None:
+                        continue
+                    with turn:
+                        results[i] = result
+                        while state["reduced"] in results:
+                            reduce(*results.pop(state["reduced"]))
+                            state["reduced"] += 1
+                        turn.notify_all()
+        except BaseException as e:  # raised again on the calling thread
+            with turn:
+                state["error"] = e
+                turn.notify_all()
+
+    pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    torch.set_num_threads(caller)
+    if state["error"] is not None:
+        raise state["error"]
 
 
 def _flash_kernel(device: torch.device) -> bool:

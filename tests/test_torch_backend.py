@@ -1,5 +1,8 @@
 """Defects of the torch backend (issue 12 §4), each against the float64 oracle."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -137,3 +140,70 @@ def test_slice_cache_is_keyed_by_problem_and_dropped_with_the_layout():
     del layout
     gc.collect()
     assert key not in torch_backend._SLICE_CACHE
+
+
+def test_block_sparse_chunks_run_one_thread_each_and_sum_in_a_fixed_order(monkeypatch):
+    # Issue 12 §1: with 2 intra-op threads, every operation on the calling thread opens
+    # a parallel region that a busy CPU stalls; the chunks must run on worker threads of
+    # one intra-op thread each, leave the caller's count as it was, and give the same
+    # bits as one thread even when they finish out of order.
+    # One query block per chunk at 1 and 2 threads alike: many chunks, the same ones.
+    monkeypatch.setattr(torch_backend, "_GATHER_ELEMENTS", 1 << 11)
+    torch.manual_seed(12)
+    layout = stfast.layouts.local(160, 40, block=16)
+    base = [torch.randn(2, 3, 160, 16) for _ in range(3)]
+    dout = torch.randn(2, 3, 160, 16)
+    seen, lock = [], threading.Lock()
+    gather = torch_backend._Slice.gather
+
+    def spy(self, *args):
+        with lock:
+            first = not seen
+            seen.append((threading.get_ident(), torch.get_num_threads()))
+        if first:
+            time.sleep(0.05)  # the first chunk finishes after later ones
+        return gather(self, *args)
+
+    monkeypatch.setattr(torch_backend._Slice, "gather", spy)
+
+    def run(threads):
+        torch.set_num_threads(threads)
+        leaves = [t.clone().requires_grad_() for t in base]
+        out = stfast.attention(*leaves, layout=layout, backend="torch")
+        out.backward(dout)
+        assert torch.get_num_threads() == threads
+        return [out.detach()] + [t.grad for t in leaves]
+
+    caller = torch.get_num_threads()
+    try:
+        serial = run(1)
+        seen.clear()
+        pooled = run(2)
+        fresh = []
+        t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(caller)
+    assert len(seen) > 4
+    assert all(ident != threading.get_ident() and n == 1 for ident, n in seen), seen
+    assert fresh == [2]  # threads started later still get the caller's count
+    for got, want in zip(pooled, serial):
+        assert torch.equal(got, want)
+    leaves = [t.double() for t in base]
+    assert_close(pooled[0], reference("dense", *leaves, layout=layout)[0], atol=2e-5, rtol=2e-5)
+    for got, want in zip(pooled[1:], reference_grads("dense", *leaves, dout.double(), layout=layout)):
+        assert_close(got, want, atol=5e-5, rtol=5e-5)
+
+
+def test_block_sparse_chunk_error_is_raised_on_the_caller():
+    caller = torch.get_num_threads()
+
+    def work(i):
+        if i == 3:
+            raise ValueError("chunk 3")
+        return (i,)
+
+    with pytest.raises(ValueError, match="chunk 3"):
+        torch_backend._each(2, [(i,) for i in range(8)], work, lambda i: None)
+    assert torch.get_num_threads() == caller
