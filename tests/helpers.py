@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from stfast.lowering import from5, lower
+from stfast.lowering import from5, lower, to5
 from stfast.reference import oracle
 
 CAUSAL_NAMES = {False: None, True: "top_left", "top_left": "top_left", "bottom_right": "bottom_right"}
@@ -50,3 +50,33 @@ def assert_close(actual, expected, *, atol, rtol, what=""):
 
 def randn(*shape, dtype=torch.float32, device="cpu"):
     return torch.randn(*shape, dtype=dtype, device=device)
+
+
+class LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most elements of any storage an operation returns (views of a storage count
+    as that storage, so broadcast views cost nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+def poisoned_kernel_grads(kernel, p, q, k, v, dout):
+    """out and dq, dk, dv in the users' shapes from a kernel backend's forward and
+    backward on problem ``p``, every gradient buffer NaN-poisoned first."""
+    out, out5 = p.new_output()
+    lse5 = p.new_lse()
+    kernel.forward(p, out5, lse5)
+    grads = p.new_grads(q, k, v)
+    for g, _ in grads:
+        g.fill_(float("nan"))
+    kernel.backward(p, out5, to5(dout, p.kind, p.groups), lse5, *(g5 for _, g5 in grads))
+    return out, [g for g, _ in grads]
+

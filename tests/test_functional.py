@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import stfast
-from helpers import assert_close, reference, reference_grads
+from helpers import LargestAllocation, assert_close, reference, reference_grads
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -276,21 +276,6 @@ def test_random_spatiotemporal_shapes_match_oracle(t, n, h, d, axis, causal, see
     assert_close(out, reference(axis, q, k, v, causal=causal)[0], **TOL)
 
 
-class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the most elements of any tensor an op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("builder", ["local", "bigbird"])
 def test_block_sparse_never_builds_an_l_by_l_tensor(builder):
     length, heads, d = 4096, 2, 16
@@ -299,7 +284,7 @@ def test_block_sparse_never_builds_an_l_by_l_tensor(builder):
     else:
         layout = stfast.layouts.bigbird(length, num_global=1, num_window=3, num_random=1, block=64)
     q, k, v = _dense(1, heads, heads, length, length, d, requires_grad=True)
-    with _LargestTensor() as watch:
+    with LargestAllocation() as watch:
         out = stfast.block_sparse_attention(q, k, v, layout, backend="torch")
         out.backward(torch.randn_like(out))
     assert watch.largest < heads * length * length // 8, \

@@ -6,30 +6,15 @@ O(B * H * L * D), sized here below Lq * Lk)."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import stfast
 
-
-class _Largest(TorchDispatchMode):
-    """The most elements of any storage an operation returns (views of a storage count
-    as that storage, so broadcast views cost nothing)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
+from helpers import LargestAllocation
 
 
 def _largest(fn, *inputs):
     leaves = [t.detach().requires_grad_() for t in inputs]
-    with _Largest() as watch:
+    with LargestAllocation() as watch:
         out = fn(*leaves)
         out = out[0] if isinstance(out, tuple) else out
         out.backward(torch.randn_like(out))
@@ -101,7 +86,7 @@ def test_sdpa_kv_batch_broadcast_is_never_copied():
     # largest tensor of the call by far.
     q = torch.randn(4, 2, 16, 64)
     k, v = torch.randn(1, 2, 1024, 64), torch.randn(1, 2, 1024, 64)
-    with _Largest() as watch:
+    with LargestAllocation() as watch:
         out = stfast.scaled_dot_product_attention(q, k, v, backend="torch")
     assert out.shape == (4, 2, 16, 64)
     assert watch.largest <= k.numel(), f"a tensor of {watch.largest} elements: k/v were copied"

@@ -9,8 +9,10 @@ NaN-poisoned so an unwritten head cannot pass.
 import pytest
 import torch
 
-from stfast.lowering import from5, lower, to5
+from stfast.lowering import from5, lower
 from stfast.reference import oracle
+
+from helpers import poisoned_kernel_grads
 
 triton_backend = pytest.importorskip("stfast.triton").BACKEND
 launch = pytest.importorskip("stfast.triton.launch")
@@ -35,17 +37,11 @@ def _grads(kind, q, k, v, dout, causal):
     """Triton dq/dk/dv (NaN-poisoned buffers) and the float64 oracle's."""
     scale = q.shape[-1] ** -0.5
     p = lower(kind, q, k, v, scale=scale, causal=causal)
-    out, out5 = p.new_output()
-    lse5 = p.new_lse()
-    triton_backend.forward(p, out5, lse5)
-    grads = p.new_grads(q, k, v)
-    for g, _ in grads:
-        g.fill_(float("nan"))
-    triton_backend.backward(p, out5, to5(dout, kind, p.groups), lse5, *(g5 for _, g5 in grads))
+    out, grads = poisoned_kernel_grads(triton_backend, p, q, k, v, dout)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = from5(oracle(lower(kind, *leaves, scale=scale, causal=causal))[0], kind)
     torch.testing.assert_close(out.double(), ref.detach(), **TOL)
-    return [g for g, _ in grads], torch.autograd.grad(ref, leaves, dout.double())
+    return grads, torch.autograd.grad(ref, leaves, dout.double())
 
 
 def _expand_heads(x, axis_of_heads):
